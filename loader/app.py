@@ -1,0 +1,146 @@
+"""The aiohttp application: its long-lived parts, its error middleware and its access log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from loader import __version__
+from loader.cache import ModelCache
+from loader.errors import LoaderError
+from loader.images import Docker
+from loader.log import Redactor
+from loader.remote import ResourceAPI
+from loader.resources import Resources
+from loader.settings import Settings
+from loader.systemd import Notifier
+from loader.unlock import Unlocker
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# JSON bodies are a few hundred bytes; uploads are streamed and not bound by this.
+MAX_JSON_BODY = 64 * 1024
+
+
+def _key(name: str, kind: type[T]) -> web.AppKey[T]:
+    # aiohttp >= 3.9 wants typed keys; Debian 12's 3.8.4 has none and takes the string.
+    factory = getattr(web, "AppKey", None)
+    return factory(name, kind) if factory else name  # type: ignore[return-value]
+
+
+SETTINGS = _key("settings", Settings)
+REDACT = _key("redact", Redactor)
+NOTIFIER = _key("notifier", Notifier)
+API = _key("api", ResourceAPI)
+DOCKER = _key("docker", Docker)
+UNLOCKER = _key("unlocker", Unlocker)
+RESOURCES = _key("resources", Resources)
+
+# FastAPI's words for the router's own refusals, which callers of the first loader saw.
+_HTTP_CODES = {
+    400: ("bad-request", "Bad Request"),
+    404: ("not-found", "Not Found"),
+    405: ("method-not-allowed", "Method Not Allowed"),
+    413: ("payload-too-large", "Request body too large"),
+}
+
+
+def make_app(settings: Settings, redact: Redactor, notifier: Notifier) -> web.Application:
+    from loader.routes import routes
+
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_JSON_BODY)
+    app[SETTINGS] = settings
+    app[REDACT] = redact
+    app[NOTIFIER] = notifier
+    app.cleanup_ctx.append(_resource_api)
+    app.cleanup_ctx.append(_docker)
+    app.on_shutdown.append(_stop_unlock)
+    app.add_routes(routes)
+    return app
+
+
+async def _resource_api(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(limit=32, enable_cleanup_closed=True)
+    async with aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": f"azaion-loader/{__version__}"},
+        raise_for_status=False,
+    ) as session:
+        api = ResourceAPI(session, settings, app[REDACT])
+        app[API] = api
+        cache = ModelCache(settings.model_cache_dir)
+        await asyncio.to_thread(cache.remove_debris)
+        app[RESOURCES] = Resources(settings, api, cache)
+        yield
+
+
+async def _docker(app: web.Application) -> AsyncIterator[None]:
+    docker = Docker(app[SETTINGS].docker_host)
+    app[DOCKER] = docker
+    app[UNLOCKER] = Unlocker(app[SETTINGS], app[API], docker, app[NOTIFIER])
+    yield
+    await asyncio.to_thread(docker.close)
+
+
+async def _stop_unlock(app: web.Application) -> None:
+    await app[UNLOCKER].stop(app[SETTINGS].shutdown_grace)
+
+
+def error_body(status: int, code: str, detail: str) -> web.Response:
+    return web.json_response({"detail": detail, "code": code}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place where errors become answers, `{"detail": ..., "code": ...}`; no traceback."""
+    redact = request.app[REDACT]
+    try:
+        return await handler(request)
+    except LoaderError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        return error_body(exc.status, exc.code, redact(exc.message))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, detail = _HTTP_CODES.get(exc.status, ("http-error", exc.reason))
+        answer = error_body(exc.status, code, detail)
+        if exc.status == 405:
+            answer.headers["Allow"] = exc.headers.get("Allow", "")
+        return answer
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return error_body(500, "internal-error", "internal error: see the daemon's log")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: at debug level, or info when it failed."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        level = logging.INFO if response.status >= 400 else logging.DEBUG
+        if self.logger.isEnabledFor(level):
+            self.logger.log(
+                level,
+                '"%s %s" %d %d %.1fms',
+                request.method,
+                request.path,
+                response.status,
+                response.body_length,
+                time * 1000,
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.DEBUG) or self.logger.isEnabledFor(logging.INFO)

@@ -1,0 +1,407 @@
+"""The client of the Resource API and its CDN (contracts/resource-api.md).
+
+It holds the daemon's credentials and bearer token in memory only, logs in again
+once on a 401, and retries idempotent calls that failed in transit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import aiohttp
+
+from loader.errors import (
+    LoaderError,
+    NotAuthenticated,
+    RemoteNotFound,
+    RemoteRefused,
+    RemoteUnavailable,
+    WrongCredentials,
+)
+from loader.log import Redactor
+from loader.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_BASE = 0.25
+_BACKOFF_CAP = 8.0
+# Errors the remote's answer may carry; more is not worth reading into memory.
+_MAX_ERROR_BODY = 4096
+# The last two AES blocks of a blob tell its padding, hence the plaintext's size.
+TAIL = 32
+TRANSFER_CHUNK = 256 * 1024
+# Failures in transit: the request may not have reached the remote, or its answer was lost.
+_TRANSIENT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    email: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"Credentials(email={self.email!r}, password=[redacted])"
+
+
+class ResourceAPI:
+    """Login, key fragments and resource parts, over one aiohttp ClientSession."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, settings: Settings, redact: Redactor
+    ) -> None:
+        self._session = session
+        self._settings = settings
+        self._redact = redact
+        self._credentials: Credentials | None = None
+        self._token: str | None = None
+        self._login_lock = asyncio.Lock()
+        self._api_timeout = aiohttp.ClientTimeout(
+            total=settings.api_timeout, sock_connect=settings.connect_timeout
+        )
+        # Big transfers: no limit on the whole, only on each silence.
+        self._transfer_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        )
+
+    @property
+    def authenticated(self) -> bool:
+        return self._token is not None
+
+    async def login(self, email: str, password: str) -> None:
+        """Log in; on success these credentials become the daemon's. WrongCredentials if refused."""
+        self._redact.add(password)
+        credentials = Credentials(email, password)
+        async with self._login_lock:
+            self._token = await self._fetch_token(credentials)
+            self._credentials = credentials
+        log.info("logged in to the Resource API as %s", email)
+
+    async def fetch_archive_fragment(self) -> bytes:
+        """The fragment that unlocks the image archive (the binary split)."""
+        return await self._fetch_fragment("/binary-split/key-fragment")
+
+    async def fetch_resource_fragment(self) -> bytes:
+        """The fragment that encrypts and decrypts resources."""
+        return await self._fetch_fragment("/resources/key-fragment")
+
+    async def fetch_small_part(self, folder: str, name: str) -> bytes:
+        """`NAME.small` from the API; RemoteNotFound when it has none."""
+        return await self.call(
+            "POST",
+            f"/resources/get/{folder}",
+            what=f"the small part of {folder}/{name}",
+            json={"fileName": f"{name}.small"},
+        )
+
+    async def upload_small_part(self, folder: str, name: str, part: bytes) -> None:
+        body, content_type = _multipart_file("data", f"{name}.small", part)
+        await self.call(
+            "POST",
+            f"/resources/{folder}",
+            what=f"the upload of the small part of {folder}/{name}",
+            idempotent=False,
+            statuses=(200, 201),
+            data=body,
+            headers={"Content-Type": content_type},
+        )
+
+    async def put_big_part(self, folder: str, name: str, path: Path) -> None:
+        """PUT the file at `path` to the CDN as `NAME.big`, streamed from disk."""
+        url = f"{self._settings.cdn_url}/{folder}/{name}.big"
+        what = f"the upload of the big part of {folder}/{name}"
+
+        def body() -> BinaryIO:
+            return open(path, "rb")
+
+        status, answer = await self._authorized(
+            "PUT", url, what=what, idempotent=False, timeout=self._transfer_timeout, data=body
+        )
+        if status not in (200, 201, 204):
+            raise _refusal(status, answer, "the CDN", what)
+
+    async def big_part_tail(self, folder: str, name: str) -> tuple[int, bytes]:
+        """The big part's size and its last 32 bytes (fewer when it is shorter), by a Range GET."""
+        url = f"{self._settings.cdn_url}/{folder}/{name}.big"
+        what = f"the big part of {folder}/{name}"
+        attempts = 1 + self._settings.api_retries
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._cdn_get(url, what, f"bytes=-{TAIL}") as resp:
+                    if resp.status == 206:
+                        body = await resp.read()
+                        total = _total_size(resp, None)
+                    else:  # the CDN ignored the Range: read through, keep the end
+                        body = await _last_bytes(resp, TAIL)
+                        total = resp.content_length
+                if total is None:
+                    raise RemoteRefused(f"the CDN did not tell the size of {what}")
+                return total, body[-TAIL:]
+            except _TRANSIENT as exc:
+                if attempt == attempts:
+                    raise RemoteUnavailable(
+                        f"could not reach the CDN for {what}: {_describe(exc)}"
+                    ) from None
+                await asyncio.sleep(_backoff(attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def stream_big_part(
+        self, folder: str, name: str, offset: int = 0
+    ) -> AsyncIterator[bytes]:
+        """The big part from the CDN, from `offset`, resuming with Range after a cut."""
+        url = f"{self._settings.cdn_url}/{folder}/{name}.big"
+        what = f"the big part of {folder}/{name}"
+        attempts = 1 + self._settings.api_retries
+        total: int | None = None
+        for attempt in range(1, attempts + 1):
+            ranged = f"bytes={offset}-" if offset else None
+            try:
+                async with self._cdn_get(url, what, ranged) as resp:
+                    if resp.status == 200 and offset:
+                        raise RemoteRefused(
+                            f"the CDN ignored a Range request for {what} while resuming at byte "
+                            f"{offset}: cannot resume"
+                        )
+                    size = _total_size(resp, None)
+                    if total is None:
+                        total = size
+                    elif size is not None and size != total:
+                        raise RemoteRefused(f"the CDN's {what} changed size during the download")
+                    async for chunk in resp.content.iter_chunked(TRANSFER_CHUNK):
+                        offset += len(chunk)
+                        yield chunk
+            except _TRANSIENT as exc:
+                if attempt == attempts:
+                    raise RemoteUnavailable(
+                        f"the CDN's {what} was cut at byte {offset}: {_describe(exc)}"
+                    ) from None
+                log.warning(
+                    "the CDN's %s was cut at byte %d (%s), attempt %d of %d: resuming",
+                    what,
+                    offset,
+                    _describe(exc),
+                    attempt,
+                    attempts,
+                )
+                await asyncio.sleep(_backoff(attempt))
+                continue
+            if total is not None and offset != total:
+                raise RemoteRefused(
+                    f"the CDN sent {offset} bytes of {what}, not the {total} it announced"
+                )
+            return
+
+    @asynccontextmanager
+    async def _cdn_get(
+        self, url: str, what: str, byte_range: str | None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        headers = {"Range": byte_range} if byte_range else {}
+        try:
+            async with self._session.get(
+                url, headers=headers, timeout=self._transfer_timeout, allow_redirects=True
+            ) as resp:
+                if resp.status not in (200, 206):
+                    body = await resp.content.read(_MAX_ERROR_BODY)
+                    raise _refusal(resp.status, body, "the CDN", what)
+                yield resp
+        except _TRANSIENT as exc:
+            if isinstance(exc, aiohttp.ClientPayloadError):
+                raise
+            raise RemoteUnavailable(
+                f"could not reach the CDN for {what}: {_describe(exc)}"
+            ) from exc
+
+    async def _fetch_fragment(self, path: str) -> bytes:
+        fragment = await self.call("GET", path, what="the key fragment")
+        if not fragment:
+            raise RemoteRefused(f"the Resource API sent an empty key fragment from {path}")
+        self._redact.add(fragment)
+        return fragment
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        idempotent: bool = True,
+        statuses: tuple[int, ...] = (200,),
+        **kwargs: Any,
+    ) -> bytes:
+        """One authenticated API call whose answer is small; returns the body.
+
+        `what` names the thing asked for, for error messages ("the key fragment").
+        """
+        url = self._settings.resource_api_url + path
+        status, body = await self._authorized(
+            method, url, what=what, idempotent=idempotent, **kwargs
+        )
+        if status not in statuses:
+            raise _refusal(status, body, self._where(url), what)
+        return body
+
+    async def _authorized(
+        self, method: str, url: str, *, what: str, idempotent: bool, **kwargs: Any
+    ) -> tuple[int, bytes]:
+        """An exchange with the bearer token; on a 401, log in again once and repeat once."""
+        if self._credentials is None or self._token is None:
+            raise NotAuthenticated(
+                "not logged in: call /login (or /unlock) with the Resource API credentials first"
+            )
+        for attempt in (1, 2):
+            token = self._token
+            headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
+            status, body = await self._exchange(
+                method, url, what=what, idempotent=idempotent, headers=headers, **kwargs
+            )
+            if status != 401:
+                return status, body
+            if attempt == 1:
+                log.info("the Resource API refused our token for %s: logging in again", what)
+                await self._relogin(stale=token)
+        raise NotAuthenticated(
+            f"the Resource API refused our credentials for {what} after a fresh login"
+        )
+
+    async def _relogin(self, stale: str | None) -> None:
+        async with self._login_lock:
+            if self._token != stale:
+                return  # another task logged in while we waited
+            credentials = self._credentials
+            if credentials is None:
+                raise NotAuthenticated("not logged in")
+            try:
+                self._token = await self._fetch_token(credentials)
+            except WrongCredentials:
+                self._token = None
+                raise NotAuthenticated(
+                    "the Resource API no longer accepts the daemon's credentials: log in again"
+                ) from None
+
+    async def _fetch_token(self, credentials: Credentials) -> str:
+        url = self._settings.resource_api_url + "/login"
+        body = {"email": credentials.email, "password": credentials.password}
+        status, answer = await self._exchange("POST", url, what="login", idempotent=True, json=body)
+        if status in (401, 403):
+            raise WrongCredentials("wrong email or password")
+        if status != 200:
+            raise _refusal(status, answer, "the Resource API", "login")
+        try:
+            token = json.loads(answer).get("token")
+        except (ValueError, AttributeError):
+            raise RemoteRefused("the Resource API's login answer is not a JSON object") from None
+        if not isinstance(token, str) or not token:
+            raise RemoteRefused("the Resource API's login answer has no token")
+        self._redact.add(token)
+        return token
+
+    def _where(self, url: str) -> str:
+        return "the CDN" if url.startswith(self._settings.cdn_url + "/") else "the Resource API"
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        idempotent: bool,
+        timeout: aiohttp.ClientTimeout | None = None,
+        **kwargs: Any,
+    ) -> tuple[int, bytes]:
+        """Status and body of a call with a small answer. Failures in transit and 5xx are
+        retried with exponential backoff and jitter when the call is idempotent."""
+        attempts = 1 + (self._settings.api_retries if idempotent else 0)
+        for attempt in range(1, attempts + 1):
+            try:
+                # A callable body is made anew for each attempt (a file is read once).
+                body = kwargs.get("data")
+                sent = {**kwargs, "data": body()} if callable(body) else kwargs
+                async with self._session.request(
+                    method,
+                    url,
+                    timeout=timeout or self._api_timeout,
+                    allow_redirects=False,
+                    **sent,
+                ) as resp:
+                    status, body = resp.status, await resp.read()
+            except _TRANSIENT as exc:
+                if attempt == attempts:
+                    where = self._where(url)
+                    raise RemoteUnavailable(
+                        f"could not reach {where} for {what}: {_describe(exc)}"
+                    ) from None
+                reason = _describe(exc)
+            else:
+                if status < 500 or attempt == attempts:
+                    return status, body
+                reason = f"HTTP {status}"
+            delay = _backoff(attempt)
+            log.warning(
+                "%s for %s failed (%s), attempt %d of %d; retrying in %.2f s",
+                method,
+                what,
+                reason,
+                attempt,
+                attempts,
+                delay,
+            )
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+
+
+def _multipart_file(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body with one file field, as bytes: it can be sent twice."""
+    boundary = secrets.token_hex(16)
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return head + data + tail, f"multipart/form-data; boundary={boundary}"
+
+
+def _total_size(resp: aiohttp.ClientResponse, default: int | None) -> int | None:
+    """The whole object's size: from Content-Range on a 206, else Content-Length."""
+    if resp.status == 206:
+        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else default
+    return resp.content_length if resp.content_length is not None else default
+
+
+async def _last_bytes(resp: aiohttp.ClientResponse, count: int) -> bytes:
+    """The last `count` bytes of a body, read through without keeping the rest."""
+    tail = b""
+    async for chunk in resp.content.iter_chunked(TRANSFER_CHUNK):
+        tail = (tail + chunk)[-count:]
+    return tail
+
+
+def _refusal(status: int, body: bytes, where: str, what: str) -> LoaderError:
+    """The error for an answer that is not what the contract promises."""
+    if status == 404:
+        return RemoteNotFound(f"{where} has no {what.removeprefix('the ')} (HTTP 404)")
+    if status >= 500:
+        return RemoteRefused(f"{where} failed for {what}: HTTP {status}")
+    detail = body[:_MAX_ERROR_BODY].decode("utf-8", "replace").strip()
+    suffix = f": {detail[:200]}" if detail else ""
+    return RemoteRefused(f"{where} refused {what}: HTTP {status}{suffix}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,161 @@
+"""The local API's route table (contracts/socket-api.md): thin handlers over the workflows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from loader.app import API, RESOURCES, SETTINGS, UNLOCKER
+from loader.errors import LoaderError, NameMismatch, PayloadTooLarge, ValidationFailed
+from loader.openapi import openapi_document
+from loader.resources import SpooledBlob, check_name
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+_UPLOAD_CHUNK = 256 * 1024
+# Multipart boundaries and headers, beyond the file itself.
+_FORM_OVERHEAD = 64 * 1024
+_MAX_FIELD = 4096
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "healthy"})
+
+
+@routes.get("/status")
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(
+        {
+            "status": "healthy",
+            "authenticated": request.app[API].authenticated,
+            "modelCacheDir": str(request.app[SETTINGS].model_cache_dir),
+        }
+    )
+
+
+@routes.post("/login")
+async def login(request: web.Request) -> web.Response:
+    body = await json_body(request, {"email": str, "password": str})
+    await request.app[API].login(body["email"], body["password"])
+    return web.json_response({"status": "ok"})
+
+
+# `.*` so that a name with a slash, or any traversal form, gets its 400 rather than a 404.
+@routes.post("/load/{filename:.*}")
+async def load(request: web.Request) -> web.StreamResponse:
+    name = check_name("resource name", request.match_info["filename"])
+    body = await json_body(request, {"filename": str, "folder": str})
+    if body["filename"] != name:
+        raise NameMismatch(f"the name in the path ({name!r}) and in the body differ")
+    folder = check_name("folder", body["folder"])
+    plaintext = await request.app[RESOURCES].open(folder, name)
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = plaintext.size
+    await response.prepare(request)
+    try:
+        async for chunk in plaintext.chunks:
+            await response.write(chunk)
+    except LoaderError as exc:
+        # The status is sent: all that is left is to cut the body short, which the caller
+        # sees against the Content-Length.
+        log.error("load of %s/%s failed mid-stream: %s", folder, name, exc.message)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    finally:
+        await plaintext.chunks.aclose()
+    await response.write_eof()
+    return response
+
+
+@routes.post("/upload/{filename:.*}")
+async def upload(request: web.Request) -> web.Response:
+    name = check_name("resource name", request.match_info["filename"])
+    resources = request.app[RESOURCES]
+    resources.require_login()
+    limit = request.app[SETTINGS].max_upload_bytes
+    if request.content_length is not None and request.content_length > limit + _FORM_OVERHEAD:
+        raise PayloadTooLarge(f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)")
+    if not request.content_type.startswith("multipart/"):
+        raise ValidationFailed("body: expected multipart/form-data with fields 'data' and 'folder'")
+    folder: str | None = None
+    blob: SpooledBlob | None = None
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise ValidationFailed("body: nested multipart is not accepted")
+            if part.name == "folder":
+                folder = check_name("folder", await _form_text(part))
+            elif part.name in ("data", "file") and blob is None:
+                blob = await resources.encrypt_upload(_part_chunks(part))
+            else:
+                await part.release()
+        if blob is None:
+            raise ValidationFailed("body.data: field required (the file, as 'data' or 'file')")
+        if folder is None:
+            raise ValidationFailed("body.folder: field required")
+        await resources.publish(folder, name, blob)
+    finally:
+        if blob is not None:
+            await asyncio.to_thread(blob.big.abort)
+    return web.json_response({"status": "ok"})
+
+
+@routes.post("/unlock")
+async def unlock(request: web.Request) -> web.Response:
+    body = await json_body(request, {"email": str, "password": str})
+    state = await request.app[UNLOCKER].start(body["email"], body["password"])
+    return web.json_response({"state": state.value})
+
+
+@routes.get("/unlock/status")
+async def unlock_status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[UNLOCKER].status())
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(_UPLOAD_CHUNK):
+        yield chunk
+
+
+async def _form_text(part: BodyPartReader) -> str:
+    raw = await part.read_chunk(_MAX_FIELD)
+    if not part.at_eof():
+        raise ValidationFailed(f"body.{part.name}: too long")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise ValidationFailed(f"body.{part.name}: not UTF-8 text") from None
+
+
+async def json_body(request: web.Request, fields: dict[str, type]) -> dict[str, Any]:
+    """The body as a JSON object with `fields` of the right types, as FastAPI's model checks it.
+
+    Any content type is read as JSON: `curl -d` sends form-urlencoded by default.
+    """
+    raw = await request.read()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationFailed("body: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ValidationFailed("body: expected a JSON object")
+    for name, kind in fields.items():
+        if name not in data:
+            raise ValidationFailed(f"body.{name}: field required")
+        if not isinstance(data[name], kind):
+            raise ValidationFailed(f"body.{name}: expected a {kind.__name__}")
+    return {name: data[name] for name in fields}
