@@ -1,0 +1,139 @@
+"""The blob format of resource-api.md: IV (16 bytes) || AES-256-CBC(SHA-256(fragment), IV, PKCS7).
+
+Streaming both ways, in memory only: this module knows nothing of files or sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+
+from cryptography.hazmat.primitives import padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from loader.errors import DecryptionFailed
+
+BLOCK = 16
+IV_SIZE = 16
+# The small part is at most this many bytes of the blob (resource-api.md, "Resources").
+SMALL_PART_MAX = 3072
+
+
+def key_from_fragment(fragment: bytes) -> bytes:
+    """The AES-256 key: SHA-256 of the fragment's bytes."""
+    return hashlib.sha256(fragment).digest()
+
+
+def small_part_size(blob_size: int) -> int:
+    """Where a blob is cut: the small part is min(3072, floor(0.3 * size)) bytes."""
+    return min(SMALL_PART_MAX, blob_size * 3 // 10)
+
+
+def encrypted_size(plaintext_size: int) -> int:
+    """IV, then the plaintext padded up to the next whole block (a full block when aligned)."""
+    return IV_SIZE + (plaintext_size // BLOCK + 1) * BLOCK
+
+
+class Decryptor:
+    """Decrypts a blob fed in pieces of any size; `finalize` checks the padding.
+
+    A wrong key or a damaged blob raises DecryptionFailed, from `finalize` at the latest.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self._iv = b""
+        self._decryptor: object | None = None
+        self._unpadder = padding.PKCS7(BLOCK * 8).unpadder()
+        self._cipher_bytes = 0
+
+    def update(self, data: bytes) -> bytes:
+        if self._decryptor is None:
+            need = IV_SIZE - len(self._iv)
+            self._iv += data[:need]
+            data = data[need:]
+            if len(self._iv) < IV_SIZE:
+                return b""
+            self._decryptor = Cipher(algorithms.AES(self._key), modes.CBC(self._iv)).decryptor()
+        self._cipher_bytes += len(data)
+        return self._unpadder.update(self._decryptor.update(data))  # type: ignore[attr-defined]
+
+    def finalize(self) -> bytes:
+        if self._decryptor is None or self._cipher_bytes == 0:
+            raise DecryptionFailed("the encrypted data is too short to hold anything")
+        if self._cipher_bytes % BLOCK:
+            raise DecryptionFailed("the encrypted data is cut short (not whole AES blocks)")
+        try:
+            tail = self._decryptor.finalize()  # type: ignore[attr-defined]
+            return self._unpadder.update(tail) + self._unpadder.finalize()
+        except ValueError:
+            raise DecryptionFailed(
+                "the data does not decrypt: wrong key, or the encrypted data is damaged"
+            ) from None
+
+
+class Encryptor:
+    """Encrypts a plaintext fed in pieces; the IV comes first in the output."""
+
+    def __init__(self, key: bytes, iv: bytes | None = None) -> None:
+        iv = os.urandom(IV_SIZE) if iv is None else iv
+        if len(iv) != IV_SIZE:
+            raise ValueError("the IV must be 16 bytes")
+        self._encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+        self._padder = padding.PKCS7(BLOCK * 8).padder()
+        self._header = iv
+
+    def update(self, data: bytes) -> bytes:
+        out = self._header + self._encryptor.update(self._padder.update(data))
+        self._header = b""
+        return out
+
+    def finalize(self) -> bytes:
+        out = self._header + self._encryptor.update(self._padder.finalize())
+        self._header = b""
+        return out + self._encryptor.finalize()
+
+
+def decrypt_chunks(key: bytes, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Plaintext pieces of the blob made of `chunks`; raises DecryptionFailed at the end if bad.
+
+    The last block is held back until the padding checks out, so a consumer never
+    receives the tail of a blob that fails.
+    """
+    decryptor = Decryptor(key)
+    for chunk in chunks:
+        piece = decryptor.update(chunk)
+        if piece:
+            yield piece
+    yield decryptor.finalize()
+
+
+def encrypt(key: bytes, plaintext: bytes, iv: bytes | None = None) -> bytes:
+    encryptor = Encryptor(key, iv)
+    return encryptor.update(plaintext) + encryptor.finalize()
+
+
+def decrypt(key: bytes, blob: bytes) -> bytes:
+    decryptor = Decryptor(key)
+    return decryptor.update(blob) + decryptor.finalize()
+
+
+def plaintext_size(key: bytes, blob_size: int, last_two_blocks: bytes) -> int:
+    """The plaintext's size, from the blob's size and its last 32 bytes (or IV + 1 block).
+
+    CBC decrypts the last block with the one before it as IV, so the padding is known
+    before the whole blob is read: what /load needs for its Content-Length.
+    """
+    if blob_size < IV_SIZE + BLOCK or (blob_size - IV_SIZE) % BLOCK:
+        raise DecryptionFailed("the encrypted data is cut short (not whole AES blocks)")
+    if len(last_two_blocks) != 2 * BLOCK:
+        raise ValueError("need the last 32 bytes of the blob")
+    iv, last = last_two_blocks[:BLOCK], last_two_blocks[BLOCK:]
+    block = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor().update(last)
+    pad = block[-1]
+    if not 1 <= pad <= BLOCK or block[-pad:] != bytes([pad]) * pad:
+        raise DecryptionFailed(
+            "the data does not decrypt: wrong key, or the encrypted data is damaged"
+        )
+    return blob_size - IV_SIZE - pad

@@ -1,0 +1,204 @@
+"""The stack's Docker images, through the Docker SDK: the only module that imports `docker`.
+
+Every call here blocks: callers run them off the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from loader.errors import DockerFailed, DockerUnavailable
+
+log = logging.getLogger(__name__)
+
+# resource-api.md, "The image archive": what the archive holds, each tagged <name>:<API_VERSION>.
+STACK_IMAGES = (
+    "azaion/annotations",
+    "azaion/flights",
+    "azaion/detections",
+    "azaion/gps-denied-onboard",
+    "azaion/gps-denied-desktop",
+    "azaion/autopilot",
+    "azaion/ai-training",
+)
+# Quick calls (inspect, info, remove). Loads have no read timeout at all: Docker is
+# silent while it registers a layer, for a second or more per 250 MB.
+QUICK_TIMEOUT = 30
+LOADED_PREFIX = "Loaded image: "
+# The SDK's default when DOCKER_HOST is unset.
+DEFAULT_HOST = "unix:///var/run/docker.sock"
+
+
+def stack_tags(version: str) -> list[str]:
+    return [f"{name}:{version}" for name in STACK_IMAGES]
+
+
+class Docker:
+    """Two SDK clients on one engine: one for quick calls, one without a read timeout for loads."""
+
+    def __init__(self, host: str | None) -> None:
+        self._host = host
+        self._lock = threading.Lock()
+        self._quick: Any = None
+        self._loader: Any = None
+
+    def _client(self, *, load: bool) -> Any:
+        # Built on first use: with version="auto" the SDK asks the engine for its version,
+        # and the daemon may start before Docker does.
+        self._probe()
+        with self._lock:
+            client = self._loader if load else self._quick
+            if client is None:
+                try:
+                    client = docker.APIClient(
+                        base_url=self._host, version="auto", timeout=None if load else QUICK_TIMEOUT
+                    )
+                except docker.errors.DockerException as exc:
+                    raise DockerUnavailable(f"cannot reach Docker: {_reason(exc)}") from None
+                if load:
+                    self._loader = client
+                else:
+                    self._quick = client
+            return client
+
+    def _probe(self) -> None:
+        """Connect to a local engine's socket first: a clear error when Docker is down, and
+        no socket left open by the SDK, which leaks the one whose connect() fails."""
+        host = self._host or DEFAULT_HOST
+        if not host.startswith("unix://"):
+            return
+        path = host[len("unix://") :]
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(QUICK_TIMEOUT)
+            probe.connect(path)
+        except OSError as exc:
+            raise DockerUnavailable(
+                f"cannot reach Docker at {path}: {exc.strerror or exc} (is docker.service running?)"
+            ) from None
+        finally:
+            probe.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for client in (self._quick, self._loader):
+                if client is not None:
+                    client.close()
+            self._quick = self._loader = None
+
+    @contextmanager
+    def _calling(self, doing: str) -> Iterator[None]:
+        """Our errors for the SDK's, naming what we were doing. After a failure the clients
+        are closed, so that no half-used connection lingers; the next call makes new ones."""
+        try:
+            yield
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, requests.exceptions.ConnectionError):
+                raise DockerUnavailable(
+                    f"lost Docker while trying to {doing}: {_reason(exc)}"
+                ) from exc
+            if isinstance(exc, docker.errors.APIError):
+                raise DockerFailed(f"Docker refused to {doing}: {exc.explanation or exc}") from exc
+            if isinstance(
+                exc, (docker.errors.DockerException, requests.exceptions.RequestException)
+            ):
+                raise DockerUnavailable(f"cannot {doing} with Docker: {_reason(exc)}") from exc
+            raise
+
+    def missing(self, tags: Iterable[str]) -> list[str]:
+        """Those of `tags` that Docker does not have."""
+        api = self._client(load=False)
+        absent = []
+        with self._calling("check the images"):
+            for tag in tags:
+                try:
+                    api.inspect_image(tag)
+                except docker.errors.ImageNotFound:
+                    absent.append(tag)
+        return absent
+
+    def tags(self) -> set[str]:
+        """Every repo:tag Docker has."""
+        with self._calling("list the images"):
+            images = self._client(load=False).images()
+        return {tag for image in images for tag in (image.get("RepoTags") or ())}
+
+    def free_space(self) -> tuple[str, int] | None:
+        """Docker's data root and the bytes free there, or None where we cannot see it."""
+        with self._calling("read Docker's data root"):
+            root = self._client(load=False).info().get("DockerRootDir")
+        if not root:
+            return None
+        try:
+            stats = os.statvfs(root)
+        except OSError:
+            return None  # Docker runs elsewhere (another mount namespace, a remote host)
+        return root, stats.f_bavail * stats.f_frsize
+
+    def remove(self, tags: Iterable[str]) -> None:
+        """Remove tags, best effort: this undoes a failed load."""
+        api = self._client(load=False)
+        for tag in tags:
+            try:
+                api.remove_image(tag)
+                log.info("removed %s, which a failed load had added", tag)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                log.warning("could not remove %s after a failed load: %s", tag, _reason(exc))
+
+    def load(self, tar: Iterator[bytes], on_loaded: Callable[[str], None]) -> list[str]:
+        """Stream a `docker save` tarball into Docker; returns the tags it reports loaded.
+
+        Docker answers 200 and reports failures inside its stream, so every message is read.
+        """
+        api = self._client(load=True)
+        loaded: list[str] = []
+        with self._calling("load the images"):
+            # The SDK's load_image() leaves its response open when we stop reading early;
+            # its own building blocks (stable since docker-py 1.x) let us close it.
+            response = api._post(
+                api._url("/images/load"), data=tar, params={"quiet": False}, stream=True
+            )
+            with contextlib.closing(response):
+                api._raise_for_status(response)
+                for message in api._stream_helper(response, decode=True):
+                    error = _message_error(message)
+                    if error:
+                        raise DockerFailed(f"Docker refused the images: {error}")
+                    stream = str(message.get("stream", ""))
+                    if stream.startswith(LOADED_PREFIX):
+                        tag = stream[len(LOADED_PREFIX) :].strip()
+                        loaded.append(tag)
+                        on_loaded(tag)
+        return loaded
+
+
+def _message_error(message: Any) -> str | None:
+    if not isinstance(message, dict):
+        return None
+    detail = message.get("errorDetail")
+    if isinstance(detail, dict) and detail.get("message"):
+        return str(detail["message"])
+    if message.get("error"):
+        return str(message["error"])
+    # An HTTP error answer decoded as a stream message.
+    if message.get("message") and not ({"stream", "status"} & message.keys()):
+        return str(message["message"])
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    # requests nests the cause: ('Connection aborted.', FileNotFoundError(2, ...)).
+    text = str(exc)
+    return text if len(text) < 300 else text[:300] + "..."

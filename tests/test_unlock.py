@@ -1,0 +1,421 @@
+"""/unlock against a private dockerd and the emulator: the whole workflow and each way it fails."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loader.crypto import encrypt, key_from_fragment
+from loader.settings import Settings
+from tests.conftest import (
+    ARCHIVE_FRAGMENT,
+    EMAIL,
+    PASSWORD,
+    LocalApp,
+    NotifyListener,
+    RunningEmulator,
+    daemon_env,
+    loader_command,
+    session_for,
+    skip_or_fail,
+    socket_answers,
+    stop,
+    wait_for,
+)
+from tests.dockerd import (
+    ArchiveInfo,
+    PrivateDockerd,
+    build_stack_images,
+    present_images,
+    remove_images,
+    write_archive,
+)
+from tests.emulator import FaultRule
+
+pytestmark = pytest.mark.docker
+
+Start = Callable[..., Any]
+
+
+@pytest.fixture
+def start(
+    make_local_app: Callable[[Settings], Any],
+    with_settings: Callable[..., Settings],
+    private_dockerd: PrivateDockerd,
+    image_archive: ArchiveInfo,
+) -> Start:
+    """The app against the private dockerd and the test archive, with any setting changed."""
+
+    async def start(**changes: Any) -> LocalApp:
+        defaults = {"docker_host": private_dockerd.host, "images_path": image_archive.path}
+        settings = with_settings(**{**defaults, **changes})
+        app: LocalApp = await make_local_app(settings)
+        return app
+
+    return start
+
+
+async def post_unlock(app: LocalApp, password: str = PASSWORD) -> tuple[int, Any]:
+    async with app.session.post(
+        app.url("/unlock"), json={"email": EMAIL, "password": password}
+    ) as resp:
+        return resp.status, await resp.json()
+
+
+async def unlock_status(app: LocalApp) -> Any:
+    async with app.session.get(app.url("/unlock/status")) as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def settled(app: LocalApp, timeout: float = 120) -> Any:
+    """The unlock status once it is ready or failed."""
+
+    async def done() -> Any:
+        status = await unlock_status(app)
+        return status if status["state"] in ("ready", "error") else None
+
+    return await wait_for(done, timeout=timeout, what="the unlock to settle")
+
+
+async def test_unlock_loads_all_seven_images(
+    start: Start,
+    private_dockerd: PrivateDockerd,
+    image_archive: ArchiveInfo,
+    no_stack_images: list[str],
+) -> None:
+    app = await start()
+    assert await unlock_status(app) == {
+        "state": "idle",
+        "error": None,
+        "bytesDone": 0,
+        "bytesTotal": 0,
+        "percent": 0.0,
+        "images": [],
+    }
+    status, body = await post_unlock(app)
+    assert (status, body) == (200, {"state": "authenticating"})
+    final = await settled(app)
+    assert final["state"] == "ready", final
+    assert final["error"] is None
+    assert sorted(final["images"]) == sorted(no_stack_images)
+    assert final["bytesDone"] == final["bytesTotal"] == image_archive.size
+    assert final["percent"] == 100.0
+    assert sorted(present_images(private_dockerd, no_stack_images)) == sorted(no_stack_images)
+    # The unlock's credentials are now the daemon's.
+    async with app.session.get(app.url("/status")) as resp:
+        assert (await resp.json())["authenticated"] is True
+
+
+async def test_images_present_means_ready_without_archive_or_api(
+    start: Start,
+    private_dockerd: PrivateDockerd,
+    emulator: RunningEmulator,
+    image_archive: ArchiveInfo,
+    no_stack_images: list[str],
+    tmp_path: Path,
+) -> None:
+    build_stack_images(private_dockerd, "latest")
+    logins = emulator.emulator.stats()["logins"]
+    app = await start(images_path=tmp_path / "absent.enc")
+    assert await post_unlock(app) == (200, {"state": "ready"})
+    assert (await unlock_status(app))["state"] == "ready"
+    assert emulator.emulator.stats()["logins"] == logins
+
+
+async def test_no_archive_and_images_missing_is_404(
+    start: Start, no_stack_images: list[str], tmp_path: Path
+) -> None:
+    app = await start(images_path=tmp_path / "absent.enc")
+    status, body = await post_unlock(app)
+    assert status == 404
+    assert body["code"] == "archive-missing"
+    assert "no image archive at" in body["detail"]
+    assert (await unlock_status(app))["state"] == "idle"
+
+
+async def test_wrong_password_then_right(start: Start, no_stack_images: list[str]) -> None:
+    app = await start()
+    await post_unlock(app, password="not-it")
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert failed["error"] == "wrong email or password"
+    assert "not-it" not in str(failed)
+    await post_unlock(app)
+    assert (await settled(app))["state"] == "ready"
+
+
+async def test_api_failing_then_back(
+    start: Start, emulator: RunningEmulator, no_stack_images: list[str]
+) -> None:
+    emulator.emulator.add_rule(
+        FaultRule(
+            method="GET",
+            path_prefix="/binary-split/key-fragment",
+            kind="status",
+            status=503,
+            count=None,
+        )
+    )
+    app = await start(api_retries=1)
+    await post_unlock(app)
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert "HTTP 503" in failed["error"]
+    async with app.session.get(app.url("/health")) as resp:
+        assert resp.status == 200
+    emulator.emulator.clear_faults()
+    await post_unlock(app)
+    assert (await settled(app))["state"] == "ready"
+
+
+async def test_api_down(start: Start, no_stack_images: list[str], unused_tcp_port: int) -> None:
+    app = await start(resource_api_url=f"http://127.0.0.1:{unused_tcp_port}", api_retries=0)
+    await post_unlock(app)
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert "could not reach the Resource API" in failed["error"]
+
+
+async def test_wrong_fragment_is_an_error_then_the_right_one_works(
+    start: Start,
+    emulator: RunningEmulator,
+    private_dockerd: PrivateDockerd,
+    no_stack_images: list[str],
+) -> None:
+    right = emulator.emulator.config
+    emulator.emulator.config = replace(right, archive_fragment=b"some-other-fragment")
+    app = await start()
+    await post_unlock(app)
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert "the archive could not be decrypted" in failed["error"]
+    assert present_images(private_dockerd, no_stack_images) == []
+    emulator.emulator.config = right
+    await post_unlock(app)
+    assert (await settled(app))["state"] == "ready"
+
+
+def damaged_copy(source: Path, target: Path, damage: Callable[[bytearray], None]) -> Path:
+    data = bytearray(source.read_bytes())
+    damage(data)
+    target.write_bytes(bytes(data))
+    return target
+
+
+def flip_middle(data: bytearray) -> None:
+    data[len(data) // 2] ^= 0x01
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda d: d.__delitem__(slice(-5, None)), "could not be decrypted"),
+        (lambda d: d.__delitem__(slice(-16, None)), "could not be decrypted"),
+        (lambda d: d.__delitem__(slice(len(d) // 2, None)), "could not be decrypted"),
+    ],
+    ids=["cut-5", "cut-16", "cut-half"],
+)
+async def test_damaged_archive_is_an_error_and_leaves_no_image(
+    start: Start,
+    private_dockerd: PrivateDockerd,
+    image_archive: ArchiveInfo,
+    no_stack_images: list[str],
+    tmp_path: Path,
+    damage: Callable[[bytearray], None],
+    expected: str,
+) -> None:
+    archive = damaged_copy(image_archive.path, tmp_path / "damaged.enc", damage)
+    app = await start(images_path=archive)
+    await post_unlock(app)
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert expected in failed["error"]
+    assert present_images(private_dockerd, no_stack_images) == []
+
+
+async def test_a_flipped_byte_is_an_error_and_leaves_no_image(
+    start: Start,
+    private_dockerd: PrivateDockerd,
+    big_archive: ArchiveInfo,
+    no_stack_images: list[str],
+    tmp_path: Path,
+) -> None:
+    # In the big archive, the middle is inside a layer's random content: CBC has no
+    # integrity check, so it is Docker's digest of the layer that catches the damage.
+    archive = damaged_copy(big_archive.path, tmp_path / "flipped.enc", flip_middle)
+    app = await start(images_path=archive)
+    await post_unlock(app)
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert "Docker refused the images" in failed["error"]
+    assert present_images(private_dockerd, no_stack_images) == []
+
+
+async def test_unreadable_archive(start: Start, no_stack_images: list[str], tmp_path: Path) -> None:
+    archive = tmp_path / "images.enc"
+    archive.mkdir()  # root reads any file; a folder it cannot read as one
+    app = await start(images_path=archive)
+    await post_unlock(app)
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert f"cannot read the archive {archive}" in failed["error"]
+
+
+async def test_docker_down(start: Start, short_dir: Path) -> None:
+    app = await start(docker_host=f"unix://{short_dir}/no-docker.sock")
+    await post_unlock(app)
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert "Docker" in failed["error"]
+
+
+async def test_docker_rejects_the_archive(
+    start: Start, private_dockerd: PrivateDockerd, no_stack_images: list[str], tmp_path: Path
+) -> None:
+    not_a_tar = tmp_path / "junk.enc"
+    not_a_tar.write_bytes(encrypt(key_from_fragment(ARCHIVE_FRAGMENT), os.urandom(100_000)))
+    app = await start(images_path=not_a_tar)
+    await post_unlock(app)
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert "Docker refused the images" in failed["error"]
+
+
+async def test_an_image_missing_after_the_load_undoes_the_rest(
+    start: Start,
+    private_dockerd: PrivateDockerd,
+    no_stack_images: list[str],
+    tmp_path: Path,
+) -> None:
+    six = no_stack_images[:-1]
+    build_stack_images(private_dockerd, "latest")
+    archive = write_archive(private_dockerd, six, ARCHIVE_FRAGMENT, tmp_path / "six.enc")
+    remove_images(private_dockerd, no_stack_images)
+    app = await start(images_path=archive.path)
+    await post_unlock(app)
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert f"still lacks {no_stack_images[-1]}" in failed["error"]
+    assert present_images(private_dockerd, no_stack_images) == []
+
+
+async def test_fifty_concurrent_unlocks_run_one_workflow(
+    start: Start, emulator: RunningEmulator, no_stack_images: list[str]
+) -> None:
+    app = await start()
+    answers = await asyncio.gather(*(post_unlock(app) for _ in range(50)))
+    assert {status for status, _ in answers} == {200}
+    assert (await settled(app))["state"] == "ready"
+    assert emulator.emulator.requests("GET", "/binary-split/key-fragment") == 1
+
+
+@pytest.fixture(scope="module")
+def big_archive(
+    private_dockerd: PrivateDockerd, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ArchiveInfo]:
+    """An archive big enough for a load to take a while: faults can land in its middle."""
+    tags = build_stack_images(private_dockerd, "latest", payload_bytes=300 * 2**20)
+    path = tmp_path_factory.mktemp("big") / "images.enc"
+    info = write_archive(private_dockerd, tags, ARCHIVE_FRAGMENT, path)
+    remove_images(private_dockerd, tags)
+    yield info
+    path.unlink()
+
+
+async def test_docker_dying_mid_load_then_back(
+    start: Start,
+    private_dockerd: PrivateDockerd,
+    big_archive: ArchiveInfo,
+    no_stack_images: list[str],
+) -> None:
+    app = await start(images_path=big_archive.path)
+    await post_unlock(app)
+
+    async def feeding() -> bool:
+        status = await unlock_status(app)
+        return (
+            status["state"] == "loading_images" and 0 < status["bytesDone"] < status["bytesTotal"]
+        )
+
+    await wait_for(feeding, what="the load to be under way")
+    # Meanwhile the daemon answers at once.
+    async with app.session.get(app.url("/health")) as resp:
+        assert resp.status == 200
+    private_dockerd.kill()
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert "Docker" in failed["error"]
+    private_dockerd.start()
+    await post_unlock(app)
+    assert (await settled(app))["state"] == "ready"
+    assert sorted(present_images(private_dockerd, no_stack_images)) == sorted(no_stack_images)
+
+
+@pytest.fixture
+def tiny_dockerd(tmp_path: Path) -> Iterator[PrivateDockerd]:
+    """A dockerd whose data root is a 64 MB tmpfs."""
+    root = tmp_path / "tiny"
+    root.mkdir()
+    if shutil.which("mount") is None:
+        skip_or_fail("no mount command")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(root)], check=True)
+    daemon = PrivateDockerd(root=root)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+async def test_not_enough_space_for_docker_is_refused_up_front(
+    start: Start, tiny_dockerd: PrivateDockerd, big_archive: ArchiveInfo
+) -> None:
+    app = await start(docker_host=tiny_dockerd.host, images_path=big_archive.path)
+    await post_unlock(app)
+    failed = await settled(app)
+    assert failed["state"] == "error"
+    assert "Docker needs about" in failed["error"]
+    assert "is free" in failed["error"]
+
+
+async def test_status_lines_reach_systemd(
+    spawn: Any,
+    settings: Settings,
+    notify: NotifyListener,
+    private_dockerd: PrivateDockerd,
+    big_archive: ArchiveInfo,
+    no_stack_images: list[str],
+) -> None:
+    env = daemon_env(
+        settings,
+        NOTIFY_SOCKET=str(notify.path),
+        DOCKER_HOST=private_dockerd.host,
+        IMAGES_PATH=str(big_archive.path),
+    )
+    proc = await spawn(*loader_command(), "serve", env=env)
+    await notify.wait_for("READY=1")
+    assert socket_answers(settings.socket_path)
+    async with (
+        session_for(settings.socket_path) as session,
+        session.post("http://loader/unlock", json={"email": EMAIL, "password": PASSWORD}) as resp,
+    ):
+        assert resp.status == 200
+    seen: list[str] = []
+    while not any(line.startswith("STATUS=Ready") for line in seen):
+        seen.extend((await notify.next(timeout=120)).split("\n"))
+    progress = [line for line in seen if line.startswith("STATUS=Unlocking: loading images ")]
+    assert progress, seen
+    assert progress[0].endswith(" GB)")
+    assert "STATUS=Ready: 7 images at latest" in seen
+    code, err = await stop(proc)
+    assert code == 0, err
