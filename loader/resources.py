@@ -1,0 +1,269 @@
+"""Resources (AI models): the big/small split of resource-api.md, both ways, and the cache.
+
+Upload: encrypt with a fresh IV while reading the caller's body, spool the ciphertext
+(never the plaintext), send the big part to the CDN and then the small part to the API,
+and keep the big part in the cache. Load: small part from the API, big part from the
+cache or the CDN, decrypt `small || big` while streaming it to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from loader.cache import CacheWrite, ModelCache, spool_elsewhere
+from loader.crypto import (
+    SMALL_PART_MAX,
+    Decryptor,
+    Encryptor,
+    key_from_fragment,
+    plaintext_size,
+    small_part_size,
+)
+from loader.errors import (
+    DecryptionFailed,
+    InvalidName,
+    LoaderError,
+    NotAuthenticated,
+    PayloadTooLarge,
+)
+from loader.remote import TAIL, ResourceAPI
+from loader.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# resource-api.md, "Names".
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+# Blobs at least this long are cut at exactly SMALL_PART_MAX (0.3 * 10240 = 3072).
+_FULL_CUT_FROM = SMALL_PART_MAX * 10 // 3
+# Reads and writes of big parts go to a worker thread in pieces of this size.
+CHUNK = 1024 * 1024
+
+
+def check_name(kind: str, value: str) -> str:
+    """`value` if it is a valid folder or resource name; InvalidName otherwise."""
+    if _NAME.fullmatch(value) and ".." not in value:
+        return value
+    shown = value if len(value) <= 64 else value[:64] + "..."
+    raise InvalidName(
+        f"invalid {kind} {shown!r}: use 1 to 255 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit, without '..'"
+    )
+
+
+@dataclass
+class Plaintext:
+    """A decrypted resource on its way to the caller: its exact size, then its bytes."""
+
+    size: int
+    chunks: AsyncGenerator[bytes, None]
+
+
+@dataclass
+class SpooledBlob:
+    """An encrypted upload, cut: the small part in memory, the big part in a file."""
+
+    small: bytes
+    big: CacheWrite
+    plaintext_size: int
+
+
+class Resources:
+    def __init__(self, settings: Settings, api: ResourceAPI, cache: ModelCache) -> None:
+        self._settings = settings
+        self._api = api
+        self._cache = cache
+        self._downloads: dict[tuple[str, str], asyncio.Task[tuple[Path, int] | None]] = {}
+        self._cache_warned = False
+
+    def require_login(self) -> None:
+        if not self._api.authenticated:
+            raise NotAuthenticated("not logged in: call /login with the Resource API credentials")
+
+    # Upload
+
+    async def encrypt_upload(self, chunks: AsyncIterator[bytes]) -> SpooledBlob:
+        """Encrypt the caller's plaintext as it arrives; the big part goes to a spool file."""
+        self.require_login()
+        key = key_from_fragment(await self._api.fetch_resource_fragment())
+        spool = await self._open_spool()
+        try:
+            return await self._encrypt_into(key, chunks, spool)
+        except BaseException:
+            await asyncio.to_thread(spool.abort)
+            raise
+
+    async def _encrypt_into(
+        self, key: bytes, chunks: AsyncIterator[bytes], spool: CacheWrite
+    ) -> SpooledBlob:
+        encryptor = Encryptor(key)
+        limit = self._settings.max_upload_bytes
+        received = 0
+        head = bytearray()  # the blob's start, until we know where the cut falls
+        pending = bytearray()  # ciphertext for the spool, written in big pieces
+        cut_known = False
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)")
+            out = encryptor.update(chunk)
+            if cut_known:
+                pending += out
+            else:
+                head += out
+                if len(head) >= _FULL_CUT_FROM:
+                    cut_known = True
+                    pending += head[SMALL_PART_MAX:]
+                    del head[SMALL_PART_MAX:]
+            if len(pending) >= CHUNK:
+                await asyncio.to_thread(spool.write, bytes(pending))
+                pending.clear()
+        tail = encryptor.finalize()
+        if cut_known:
+            pending += tail
+            small = bytes(head)
+        else:
+            blob = bytes(head + tail)
+            cut = small_part_size(len(blob))
+            small, pending = blob[:cut], bytearray(blob[cut:])
+        await asyncio.to_thread(spool.write, bytes(pending))
+        await asyncio.to_thread(spool.flush)
+        return SpooledBlob(small, spool, received)
+
+    async def publish(self, folder: str, name: str, blob: SpooledBlob) -> None:
+        """Big part to the CDN, then the small part to the API (the small part makes it
+        loadable), then the big part into the cache."""
+        await self._api.put_big_part(folder, name, blob.big.partial)
+        await self._api.upload_small_part(folder, name, blob.small)
+        log.info("uploaded %s/%s (%d bytes)", folder, name, blob.plaintext_size)
+        if blob.big.partial.parent == self._cache.root:
+            try:
+                await asyncio.to_thread(self._cache.commit, blob.big, folder, name, blob.small)
+            except LoaderError as exc:
+                log.warning("uploaded %s/%s, but could not cache it: %s", folder, name, exc.message)
+
+    async def _open_spool(self) -> CacheWrite:
+        try:
+            return await asyncio.to_thread(self._cache.begin)
+        except OSError as exc:
+            self._warn_cache(exc)
+            return await asyncio.to_thread(spool_elsewhere)
+
+    # Load
+
+    async def open(self, folder: str, name: str) -> Plaintext:
+        """The decrypted resource, its size known before the first byte."""
+        self.require_login()
+        key = key_from_fragment(await self._api.fetch_resource_fragment())
+        small = await self._api.fetch_small_part(folder, name)
+
+        entry = await asyncio.to_thread(self._cache.lookup, folder, name, small)
+        if entry is not None:
+            try:
+                size = await asyncio.to_thread(_cached_plaintext_size, key, small, *entry)
+                return Plaintext(size, _decrypt_file(key, small, entry[0]))
+            except DecryptionFailed:
+                log.warning(
+                    "the cached big part of %s/%s does not decrypt with the API's small part: "
+                    "stale, fetching it again",
+                    folder,
+                    name,
+                )
+        entry = await self._download(folder, name, small)
+        if entry is None:  # the cache cannot be written: straight from the CDN
+            total, tail = await self._api.big_part_tail(folder, name)
+            size = plaintext_size(key, len(small) + total, (small + tail)[-TAIL:])
+            return Plaintext(size, _decrypt_stream(key, small, self._api, folder, name))
+        try:
+            size = await asyncio.to_thread(_cached_plaintext_size, key, small, *entry)
+        except DecryptionFailed:
+            await asyncio.to_thread(self._cache.discard, folder, name)
+            raise DecryptionFailed(
+                f"{folder}/{name} does not decrypt: its parts on the API and the CDN do not "
+                "match, or the key has changed"
+            ) from None
+        return Plaintext(size, _decrypt_file(key, small, entry[0]))
+
+    async def _download(self, folder: str, name: str, small: bytes) -> tuple[Path, int] | None:
+        """The big part, fetched into the cache once however many callers want it at once."""
+        key = (folder, name)
+        task = self._downloads.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch_into_cache(folder, name, small))
+            self._downloads[key] = task
+            task.add_done_callback(lambda _: self._downloads.pop(key, None))
+        # A caller that hangs up must not cancel the download the others wait for.
+        return await asyncio.shield(task)
+
+    async def _fetch_into_cache(
+        self, folder: str, name: str, small: bytes
+    ) -> tuple[Path, int] | None:
+        try:
+            write = await asyncio.to_thread(self._cache.begin)
+        except OSError as exc:
+            self._warn_cache(exc)
+            return None
+        try:
+            pending = bytearray()
+            async for chunk in self._api.stream_big_part(folder, name):
+                pending += chunk
+                if len(pending) >= CHUNK:
+                    await asyncio.to_thread(write.write, bytes(pending))
+                    pending.clear()
+            await asyncio.to_thread(write.write, bytes(pending))
+            path = await asyncio.to_thread(self._cache.commit, write, folder, name, small)
+        except BaseException:
+            await asyncio.to_thread(write.abort)
+            raise
+        log.info("cached %s/%s.big (%d bytes)", folder, name, write.size)
+        return path, write.size
+
+    def _warn_cache(self, exc: OSError) -> None:
+        if not self._cache_warned:
+            self._cache_warned = True
+            log.warning(
+                "the model cache %s cannot be written (%s): resources stream from the CDN uncached",
+                self._cache.root,
+                exc.strerror,
+            )
+
+
+def _cached_plaintext_size(key: bytes, small: bytes, path: Path, big_size: int) -> int:
+    with open(path, "rb") as big:
+        if big_size >= TAIL:
+            big.seek(big_size - TAIL)
+            tail = big.read(TAIL)
+        else:
+            tail = (small + big.read())[-TAIL:]
+    return plaintext_size(key, len(small) + big_size, tail)
+
+
+async def _decrypt_file(key: bytes, small: bytes, path: Path) -> AsyncGenerator[bytes, None]:
+    decryptor = Decryptor(key)
+    yield decryptor.update(small)
+    big = await asyncio.to_thread(open, path, "rb")
+    try:
+
+        def next_piece() -> bytes | None:
+            data = big.read(CHUNK)
+            return decryptor.update(data) if data else None
+
+        while (piece := await asyncio.to_thread(next_piece)) is not None:
+            yield piece
+    finally:
+        big.close()
+    yield decryptor.finalize()
+
+
+async def _decrypt_stream(
+    key: bytes, small: bytes, api: ResourceAPI, folder: str, name: str
+) -> AsyncGenerator[bytes, None]:
+    decryptor = Decryptor(key)
+    yield decryptor.update(small)
+    async for chunk in api.stream_big_part(folder, name):
+        yield decryptor.update(chunk)
+    yield decryptor.finalize()
