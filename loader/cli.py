@@ -1,0 +1,395 @@
+"""The client commands for people on the device: status, login, unlock, load, upload.
+
+They talk to the daemon over its socket, as the local services do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+import aiohttp
+
+DEFAULT_SOCKET = "/run/azaion-loader.sock"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = (
+    "exit status: 0 done, 1 failed, 2 usage error, 3 cannot reach the daemon, "
+    "130 interrupted (Ctrl-C)"
+)
+_POLL = 0.5
+_CHUNK = 256 * 1024
+
+
+class Unreachable(Exception):
+    """The daemon's socket cannot be used; the message tells a person what to do."""
+
+
+class Failed(Exception):
+    """The daemon answered with an error; the message is its detail."""
+
+
+def add_commands(commands: Any) -> None:
+    """Add the client commands to the `azaion-loader` parser's subcommands."""
+
+    def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            epilog=f"example:\n  {example}\n\n{EXIT_CODES}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.add_argument(
+            "--socket",
+            default=os.environ.get("LOADER_SOCKET") or DEFAULT_SOCKET,
+            help="the daemon's socket (default: $LOADER_SOCKET, else %(default)s)",
+        )
+        parser.set_defaults(run=globals()[f"_{name}"])
+        return parser
+
+    status = command(
+        "status",
+        "show the daemon's health, login, model cache and unlock state",
+        "azaion-loader status",
+    )
+    status.add_argument("--json", action="store_true", help="print the daemon's raw answers")
+
+    for name, help, example in (
+        (
+            "login",
+            "log the daemon in to the Resource API",
+            "azaion-loader login --email ops@example.com",
+        ),
+        (
+            "unlock",
+            "unlock the image archive into Docker and follow its progress",
+            "azaion-loader unlock --email ops@example.com",
+        ),
+    ):
+        parser = command(name, help, example)
+        parser.add_argument("--email", required=True, help="the Resource API account")
+        parser.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password from standard input (it is never taken as an argument)",
+        )
+        if name == "unlock":
+            parser.add_argument(
+                "--no-wait", action="store_true", help="start the unlock and return at once"
+            )
+
+    load = command(
+        "load",
+        "fetch and decrypt a resource into a file",
+        "azaion-loader load models/yolo.onnx -o yolo.onnx",
+    )
+    load.add_argument("resource", metavar="FOLDER/NAME", help="the resource to fetch")
+    load.add_argument(
+        "-o", "--output", required=True, help="the file to write, or - for standard output"
+    )
+
+    upload = command(
+        "upload",
+        "encrypt a file and publish it as a resource",
+        "azaion-loader upload yolo.onnx --folder models",
+    )
+    upload.add_argument("file", type=Path, help="the file to publish")
+    upload.add_argument("--folder", required=True, help="the resource folder")
+    upload.add_argument("--name", help="the resource name (default: the file's name)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(args.run(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Unreachable as exc:
+        print(f"azaion-loader: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except Failed as exc:
+        print(f"azaion-loader: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+class Daemon:
+    """One client session on the socket, with errors that speak to a person."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=socket_path),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+        )
+
+    async def __aenter__(self) -> Daemon:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+
+    @contextlib.asynccontextmanager
+    async def request(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[Any]:
+        try:
+            async with self._session.request(method, "http://loader" + path, **kwargs) as resp:
+                if resp.status >= 400:
+                    raise Failed(await _detail(resp))
+                yield resp
+        except aiohttp.ClientConnectorError as exc:
+            raise Unreachable(_unreachable(self.socket_path, exc.os_error)) from None
+        except aiohttp.ServerDisconnectedError:
+            raise Unreachable(f"the daemon at {self.socket_path} hung up") from None
+
+    async def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with self.request(method, path, **kwargs) as resp:
+            return await resp.json()
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with Daemon(args.socket) as daemon:
+        health = await daemon.json("GET", "/health")
+        status = await daemon.json("GET", "/status")
+        unlock = await daemon.json("GET", "/unlock/status")
+    if args.json:
+        print(json.dumps({"health": health, "status": status, "unlock": unlock}, indent=2))
+        return EXIT_OK
+    rows = [
+        ("daemon", f"{health.get('status')} on {args.socket}"),
+        ("logged in", "yes" if status.get("authenticated") else "no"),
+        ("model cache", status.get("modelCacheDir")),
+        ("unlock", _unlock_summary(unlock)),
+    ]
+    for label, value in rows:
+        print(f"{label + ':':<13}{value}")
+    return EXIT_OK
+
+
+async def _login(args: argparse.Namespace) -> int:
+    password = _password(args)
+    async with Daemon(args.socket) as daemon:
+        await daemon.json("POST", "/login", json={"email": args.email, "password": password})
+    print(f"logged in as {args.email}")
+    return EXIT_OK
+
+
+async def _unlock(args: argparse.Namespace) -> int:
+    password = _password(args)
+    async with Daemon(args.socket) as daemon:
+        answer = await daemon.json(
+            "POST", "/unlock", json={"email": args.email, "password": password}
+        )
+        if args.no_wait or answer.get("state") == "ready":
+            print(f"unlock: {answer.get('state')}")
+            return EXIT_OK
+        progress = Progress(sys.stdout, "unlock")
+        try:
+            while True:
+                status = await daemon.json("GET", "/unlock/status")
+                state = status.get("state")
+                if state == "ready":
+                    progress.finish(f"ready: {len(status.get('images') or [])} images loaded")
+                    return EXIT_OK
+                if state == "error":
+                    progress.finish(f"failed: {status.get('error')}")
+                    return EXIT_FAILED
+                progress.update(
+                    str(state).replace("_", " "),
+                    int(status.get("bytesDone") or 0),
+                    int(status.get("bytesTotal") or 0),
+                )
+                await asyncio.sleep(_POLL)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            progress.finish(
+                "stopped following: the unlock goes on in the background "
+                "(`azaion-loader status` shows where it stands)"
+            )
+            raise KeyboardInterrupt from None
+
+
+async def _load(args: argparse.Namespace) -> int:
+    folder, sep, name = args.resource.partition("/")
+    if not sep or not folder or not name or "/" in name:
+        raise Failed(f"expected FOLDER/NAME, got {args.resource!r}")
+    async with (
+        Daemon(args.socket) as daemon,
+        daemon.request("POST", f"/load/{name}", json={"filename": name, "folder": folder}) as resp,
+    ):
+        total = resp.content_length or 0
+        if args.output == "-":
+            await _copy(resp, sys.stdout.buffer, total, Progress(sys.stderr, "load"))
+            return EXIT_OK
+        target = Path(args.output)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            with open(partial, "wb") as out:  # noqa: ASYNC230 - a one-shot command
+                await _copy(resp, out, total, Progress(sys.stderr, "load"))
+            os.replace(partial, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+    print(f"wrote {target} ({total} bytes)", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _upload(args: argparse.Namespace) -> int:
+    name = args.name or args.file.name
+    try:
+        source = open(args.file, "rb")  # noqa: SIM115, ASYNC230 - closed below
+    except OSError as exc:
+        raise Failed(f"cannot read {args.file}: {exc.strerror}") from None
+    with source:
+        total = os.fstat(source.fileno()).st_size
+        progress = Progress(sys.stderr, "upload")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            done = 0
+            while data := await asyncio.to_thread(source.read, _CHUNK):
+                done += len(data)
+                progress.update("uploading", done, total)
+                yield data
+
+        form = aiohttp.MultipartWriter("form-data")
+        form.append(args.folder).set_content_disposition("form-data", name="folder")
+        form.append(chunks(), {"Content-Type": "application/octet-stream"}).set_content_disposition(
+            "form-data", name="data", filename=name
+        )
+        async with Daemon(args.socket) as daemon:
+            await daemon.json("POST", f"/upload/{name}", data=form)
+        progress.finish(f"uploaded {args.folder}/{name} ({total} bytes)")
+    return EXIT_OK
+
+
+async def _copy(resp: Any, out: BinaryIO, total: int, progress: Progress) -> None:
+    done = 0
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        await asyncio.to_thread(out.write, chunk)
+        done += len(chunk)
+        progress.update("loading", done, total)
+    if total and done != total:
+        raise Failed(f"the daemon sent {done} of {total} bytes: the load failed midway")
+    progress.finish(f"{done} bytes")
+
+
+class Progress:
+    """A bar redrawn in place on a terminal; elsewhere one line per stage or per 10%."""
+
+    def __init__(self, stream: TextIO, what: str) -> None:
+        self._stream = stream
+        self._what = what
+        self._tty = stream.isatty()
+        self._stage = ""
+        self._tenth = -1
+        self._start = time.monotonic()
+        self._drawn = False
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if self._tty:
+            self._draw(stage, done, total)
+            return
+        tenth = done * 10 // total if total else -1
+        if stage != self._stage or tenth > self._tenth:
+            percent = f" {tenth * 10}%" if total else ""
+            print(f"{self._what}: {stage}{percent}", file=self._stream, flush=True)
+        self._stage, self._tenth = stage, tenth
+
+    def finish(self, message: str) -> None:
+        if self._tty and self._drawn:
+            self._stream.write("\r\033[K")
+        print(f"{self._what}: {message}", file=self._stream, flush=True)
+
+    def _draw(self, stage: str, done: int, total: int) -> None:
+        width = shutil.get_terminal_size((80, 24)).columns
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        rate = done / elapsed
+        if total:
+            fraction = min(done / total, 1.0)
+            left = (total - done) / rate if rate > 0 else 0
+            text = (
+                f" {fraction * 100:5.1f}% {_size(done)}/{_size(total)} "
+                f"{_size(rate)}/s {_clock(left)} left  {stage}"
+            )
+            bar_width = max(10, width - len(text) - 3)
+            filled = int(bar_width * fraction)
+            line = "[" + "#" * filled + "." * (bar_width - filled) + "]" + text
+        else:
+            line = f"{stage} {_size(done)}"
+        self._stream.write("\r" + line[: width - 1] + "\033[K")
+        self._stream.flush()
+        self._drawn = True
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.email}: ")
+    if not password:
+        raise Failed("no password given")
+    return password
+
+
+async def _detail(resp: aiohttp.ClientResponse) -> str:
+    try:
+        body = await resp.json(content_type=None)
+        detail = body.get("detail") if isinstance(body, dict) else None
+    except (ValueError, aiohttp.ClientError):
+        detail = None
+    return str(detail) if detail else f"the daemon answered HTTP {resp.status}"
+
+
+def _unreachable(socket_path: str, error: OSError) -> str:
+    if isinstance(error, PermissionError):
+        return (
+            f"permission denied on {socket_path}: join the azaion-loader group "
+            "(sudo usermod -aG azaion-loader $USER, then log in again)"
+        )
+    reason = "no such socket" if isinstance(error, FileNotFoundError) else error.strerror
+    hint = ""
+    if socket_path == DEFAULT_SOCKET and shutil.which("systemctl"):
+        state = subprocess.run(
+            ["systemctl", "is-active", "azaion-loader.socket"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        hint = (
+            f"; azaion-loader.socket is {state or 'unknown'}: "
+            "start it with `sudo systemctl start azaion-loader.socket`"
+        )
+    else:
+        hint = "; is the daemon running (`azaion-loader serve`) with LOADER_SOCKET set to it?"
+    return f"cannot reach the daemon at {socket_path}: {reason}{hint}"
+
+
+def _unlock_summary(unlock: dict[str, Any]) -> str:
+    state = str(unlock.get("state"))
+    if state == "error":
+        return f"error: {unlock.get('error')}"
+    if state == "ready":
+        return f"ready ({len(unlock.get('images') or [])} images)"
+    if unlock.get("bytesTotal"):
+        return f"{state.replace('_', ' ')} {unlock.get('percent', 0)}%"
+    return state.replace("_", " ")
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
