@@ -1,6 +1,7 @@
 """The blob format of resource-api.md: IV (16 bytes) || AES-256-CBC(SHA-256(fragment), IV, PKCS7).
 
 Streaming both ways, in memory only: this module knows nothing of files or sockets.
+The `cryptography` package is imported on first use: an idle daemon never needs it.
 """
 
 from __future__ import annotations
@@ -8,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
-
-from cryptography.hazmat.primitives import padding
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from typing import Any
 
 from loader.errors import DecryptionFailed
 
@@ -18,6 +17,18 @@ BLOCK = 16
 IV_SIZE = 16
 # The small part is at most this many bytes of the blob (resource-api.md, "Resources").
 SMALL_PART_MAX = 3072
+
+
+def _cbc(key: bytes, iv: bytes) -> Any:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    return Cipher(algorithms.AES(key), modes.CBC(iv))
+
+
+def _pkcs7() -> Any:
+    from cryptography.hazmat.primitives import padding
+
+    return padding.PKCS7(BLOCK * 8)
 
 
 def key_from_fragment(fragment: bytes) -> bytes:
@@ -44,8 +55,8 @@ class Decryptor:
     def __init__(self, key: bytes) -> None:
         self._key = key
         self._iv = b""
-        self._decryptor: object | None = None
-        self._unpadder = padding.PKCS7(BLOCK * 8).unpadder()
+        self._decryptor: Any = None
+        self._unpadder = _pkcs7().unpadder()
         self._cipher_bytes = 0
 
     def update(self, data: bytes) -> bytes:
@@ -55,9 +66,9 @@ class Decryptor:
             data = data[need:]
             if len(self._iv) < IV_SIZE:
                 return b""
-            self._decryptor = Cipher(algorithms.AES(self._key), modes.CBC(self._iv)).decryptor()
+            self._decryptor = _cbc(self._key, self._iv).decryptor()
         self._cipher_bytes += len(data)
-        return self._unpadder.update(self._decryptor.update(data))  # type: ignore[attr-defined]
+        return self._unpadder.update(self._decryptor.update(data))
 
     def finalize(self) -> bytes:
         if self._decryptor is None or self._cipher_bytes == 0:
@@ -65,7 +76,7 @@ class Decryptor:
         if self._cipher_bytes % BLOCK:
             raise DecryptionFailed("the encrypted data is cut short (not whole AES blocks)")
         try:
-            tail = self._decryptor.finalize()  # type: ignore[attr-defined]
+            tail = self._decryptor.finalize()
             return self._unpadder.update(tail) + self._unpadder.finalize()
         except ValueError:
             raise DecryptionFailed(
@@ -80,8 +91,8 @@ class Encryptor:
         iv = os.urandom(IV_SIZE) if iv is None else iv
         if len(iv) != IV_SIZE:
             raise ValueError("the IV must be 16 bytes")
-        self._encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
-        self._padder = padding.PKCS7(BLOCK * 8).padder()
+        self._encryptor = _cbc(key, iv).encryptor()
+        self._padder = _pkcs7().padder()
         self._header = iv
 
     def update(self, data: bytes) -> bytes:
@@ -130,7 +141,7 @@ def plaintext_size(key: bytes, blob_size: int, last_two_blocks: bytes) -> int:
     if len(last_two_blocks) != 2 * BLOCK:
         raise ValueError("need the last 32 bytes of the blob")
     iv, last = last_two_blocks[:BLOCK], last_two_blocks[BLOCK:]
-    block = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor().update(last)
+    block = _cbc(key, iv).decryptor().update(last)
     pad = block[-1]
     if not 1 <= pad <= BLOCK or block[-pad:] != bytes([pad]) * pad:
         raise DecryptionFailed(

@@ -1,6 +1,7 @@
 """The stack's Docker images, through the Docker SDK: the only module that imports `docker`.
 
-Every call here blocks: callers run them off the event loop.
+Every call here blocks: callers run them off the event loop. The SDK (and requests under
+it) is imported on first use: an idle daemon never needs it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
-
-import docker
-import docker.errors
-import requests.exceptions
 
 from loader.errors import DockerFailed, DockerUnavailable
 
@@ -60,6 +57,9 @@ class Docker:
         with self._lock:
             client = self._loader if load else self._quick
             if client is None:
+                import docker
+                import docker.errors
+
                 try:
                     client = docker.APIClient(
                         base_url=self._host, version="auto", timeout=None if load else QUICK_TIMEOUT
@@ -101,6 +101,9 @@ class Docker:
     def _calling(self, doing: str) -> Iterator[None]:
         """Our errors for the SDK's, naming what we were doing. After a failure the clients
         are closed, so that no half-used connection lingers; the next call makes new ones."""
+        import docker.errors
+        import requests.exceptions
+
         try:
             yield
         except BaseException as exc:
@@ -119,6 +122,8 @@ class Docker:
 
     def missing(self, tags: Iterable[str]) -> list[str]:
         """Those of `tags` that Docker does not have."""
+        import docker.errors
+
         api = self._client(load=False)
         absent = []
         with self._calling("check the images"):
@@ -149,6 +154,9 @@ class Docker:
 
     def remove(self, tags: Iterable[str]) -> None:
         """Remove tags, best effort: this undoes a failed load."""
+        import docker.errors
+        import requests.exceptions
+
         api = self._client(load=False)
         for tag in tags:
             try:
