@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -16,6 +17,7 @@ from loader.cache import ModelCache
 from loader.errors import LoaderError
 from loader.images import Docker
 from loader.log import Redactor
+from loader.peers import Peer, check_allowed, peer_of
 from loader.remote import ResourceAPI
 from loader.resources import Resources
 from loader.settings import Settings
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
 # JSON bodies are a few hundred bytes; uploads are streamed and not bound by this.
 MAX_JSON_BODY = 64 * 1024
 
@@ -37,6 +40,11 @@ def _key(name: str, kind: type[T]) -> web.AppKey[T]:
     return factory(name, kind) if factory else name  # type: ignore[return-value]
 
 
+def _request_key(name: str, kind: type[T]) -> web.RequestKey[T]:
+    factory = getattr(web, "RequestKey", None)  # aiohttp >= 3.11
+    return factory(name, kind) if factory else name  # type: ignore[return-value]
+
+
 SETTINGS = _key("settings", Settings)
 REDACT = _key("redact", Redactor)
 NOTIFIER = _key("notifier", Notifier)
@@ -44,6 +52,8 @@ API = _key("api", ResourceAPI)
 DOCKER = _key("docker", Docker)
 UNLOCKER = _key("unlocker", Unlocker)
 RESOURCES = _key("resources", Resources)
+# The request's caller, set by caller_middleware.
+PEER = _request_key("peer", Peer)
 
 # FastAPI's words for the router's own refusals, which callers of the first loader saw.
 _HTTP_CODES = {
@@ -57,7 +67,9 @@ _HTTP_CODES = {
 def make_app(settings: Settings, redact: Redactor, notifier: Notifier) -> web.Application:
     from loader.routes import routes
 
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_JSON_BODY)
+    app = web.Application(
+        middlewares=[error_middleware, caller_middleware], client_max_size=MAX_JSON_BODY
+    )
     app[SETTINGS] = settings
     app[REDACT] = redact
     app[NOTIFIER] = notifier
@@ -70,7 +82,11 @@ def make_app(settings: Settings, redact: Redactor, notifier: Notifier) -> web.Ap
 
 async def _resource_api(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    connector = aiohttp.TCPConnector(limit=32, enable_cleanup_closed=True)
+    tls: ssl.SSLContext | bool = True  # aiohttp's default: verify against the system's CAs
+    if settings.tls_ca_file is not None:
+        tls = ssl.create_default_context(cafile=str(settings.tls_ca_file))
+        tls.load_default_certs()
+    connector = aiohttp.TCPConnector(limit=32, ssl=tls)
     async with aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": f"azaion-loader/{__version__}"},
@@ -125,15 +141,26 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_body(500, "internal-error", "internal error: see the daemon's log")
 
 
+@web.middleware
+async def caller_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Who calls (SO_PEERCRED), for the access log; refused with 403 if ALLOWED_* say so."""
+    peer = peer_of(request)
+    if peer is not None:
+        request[PEER] = peer
+    check_allowed(request.app[SETTINGS], peer)
+    return await handler(request)
+
+
 class AccessLogger(AbstractAccessLogger):
-    """One line per request: at debug level, or info when it failed."""
+    """One line per request, naming the calling process: debug level, or info when it failed."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         level = logging.INFO if response.status >= 400 else logging.DEBUG
         if self.logger.isEnabledFor(level):
             self.logger.log(
                 level,
-                '"%s %s" %d %d %.1fms',
+                '%s "%s %s" %d %d %.1fms',
+                request.get(PEER) or "peer=?",
                 request.method,
                 request.path,
                 response.status,

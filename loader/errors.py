@@ -9,6 +9,7 @@
     ├── ValidationFailed           422 validation-error
     ├── NotAuthenticated           401 not-authenticated
     ├── WrongCredentials           401 wrong-credentials
+    ├── Forbidden                  403 forbidden            (a caller ALLOWED_* leaves out)
     ├── NotFound                   404 not-found
     │   ├── ArchiveMissing         404 archive-missing
     │   └── RemoteNotFound         404 remote-not-found
@@ -17,6 +18,7 @@
     ├── InsufficientStorage        507 insufficient-storage
     ├── DecryptionFailed           502 decryption-failed
     ├── RemoteRefused              502 remote-refused       (the remote answered, and said no)
+    ├── RemoteUntrusted            502 remote-untrusted     (its TLS certificate fails to verify)
     ├── RemoteUnavailable          503 remote-unavailable   (the remote could not be reached)
     ├── DockerFailed               502 docker-failed        (Docker answered, and said no)
     └── DockerUnavailable          503 docker-unavailable   (Docker could not be reached)
@@ -84,6 +86,11 @@ class WrongCredentials(LoaderError):
     code = "wrong-credentials"
 
 
+class Forbidden(LoaderError):
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(LoaderError):
     status = 404
     code = "not-found"
@@ -119,6 +126,11 @@ class DecryptionFailed(LoaderError):
 class RemoteRefused(LoaderError):
     status = 502
     code = "remote-refused"
+
+
+class RemoteUntrusted(LoaderError):
+    status = 502
+    code = "remote-untrusted"
 
 
 class RemoteUnavailable(LoaderError):

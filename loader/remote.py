@@ -25,6 +25,7 @@ from loader.errors import (
     RemoteNotFound,
     RemoteRefused,
     RemoteUnavailable,
+    RemoteUntrusted,
     WrongCredentials,
 )
 from loader.log import Redactor
@@ -145,6 +146,8 @@ class ResourceAPI:
                 if total is None:
                     raise RemoteRefused(f"the CDN did not tell the size of {what}")
                 return total, body[-TAIL:]
+            except aiohttp.ClientSSLError as exc:
+                raise _untrusted("the CDN", exc) from None
             except _TRANSIENT as exc:
                 if attempt == attempts:
                     raise RemoteUnavailable(
@@ -178,6 +181,8 @@ class ResourceAPI:
                     async for chunk in resp.content.iter_chunked(TRANSFER_CHUNK):
                         offset += len(chunk)
                         yield chunk
+            except aiohttp.ClientSSLError as exc:
+                raise _untrusted("the CDN", exc) from None
             except _TRANSIENT as exc:
                 if attempt == attempts:
                     raise RemoteUnavailable(
@@ -332,6 +337,8 @@ class ResourceAPI:
                     **sent,
                 ) as resp:
                     status, body = resp.status, await resp.read()
+            except aiohttp.ClientSSLError as exc:
+                raise _untrusted(self._where(url), exc) from None
             except _TRANSIENT as exc:
                 if attempt == attempts:
                     where = self._where(url)
@@ -388,6 +395,14 @@ async def _last_bytes(resp: aiohttp.ClientResponse, count: int) -> bytes:
     async for chunk in resp.content.iter_chunked(TRANSFER_CHUNK):
         tail = (tail + chunk)[-count:]
     return tail
+
+
+def _untrusted(where: str, exc: aiohttp.ClientSSLError) -> RemoteUntrusted:
+    reason = getattr(exc, "certificate_error", None) or exc
+    return RemoteUntrusted(
+        f"{where}'s TLS certificate is not trusted ({reason}); if a private CA signs it, "
+        "set TLS_CA_FILE to that CA's certificate"
+    )
 
 
 def _refusal(status: int, body: bytes, where: str, what: str) -> LoaderError:

@@ -46,16 +46,11 @@ async def serve(settings: Settings, env: MutableMapping[str, str], redact: Redac
     else:
         where = f"{sock.getsockname() or 'the socket'} (from systemd)"
 
-    runner = web.AppRunner(
-        make_app(settings, redact, notifier),
-        handle_signals=False,
-        access_log_class=AccessLogger,
-        **_runner_grace(settings.shutdown_grace),
-    )
+    runner = make_runner(make_app(settings, redact, notifier), settings)
     watchdog: asyncio.Task[None] | None = None
     try:
         await runner.setup()
-        site = web.SockSite(runner, sock, **_site_grace(settings.shutdown_grace))
+        site = make_site(runner, sock, settings)
         await site.start()
         log.info("serving on %s", where)
         notifier.ready("Serving")
@@ -74,6 +69,19 @@ async def serve(settings: Settings, env: MutableMapping[str, str], redact: Redac
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     log.info("stopped")
+
+
+def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log_class=AccessLogger,
+        **_runner_grace(settings.shutdown_grace),
+    )
+
+
+def make_site(runner: web.AppRunner, sock: socket.socket, settings: Settings) -> web.SockSite:
+    return web.SockSite(runner, sock, **_site_grace(settings.shutdown_grace))
 
 
 # aiohttp 3.9 moved the shutdown grace from the site to the runner (aio-libs/aiohttp#7718);

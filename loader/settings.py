@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grp
+import pwd
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,6 +45,11 @@ class Settings:
     shutdown_grace: float = 10.0
     max_upload_bytes: int = 8 * 1024**3
     log_level: str = "info"
+    # Callers allowed on the socket beyond its file mode; both empty: whoever can connect.
+    allowed_groups: tuple[int, ...] = ()
+    allowed_uids: tuple[int, ...] = ()
+    # Extra CA certificates for the Resource API and CDN; the system's are always trusted.
+    tls_ca_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -64,6 +71,9 @@ class Settings:
             shutdown_grace=reader.get("SHUTDOWN_GRACE", _seconds, defaults.shutdown_grace),
             max_upload_bytes=reader.get("MAX_UPLOAD_BYTES", _size, defaults.max_upload_bytes),
             log_level=reader.get("LOG_LEVEL", _log_level, defaults.log_level),
+            allowed_groups=reader.get("ALLOWED_GROUPS", _groups, defaults.allowed_groups),
+            allowed_uids=reader.get("ALLOWED_UIDS", _uids, defaults.allowed_uids),
+            tls_ca_file=reader.get("TLS_CA_FILE", _readable_file, defaults.tls_ca_file),
         )
 
 
@@ -143,3 +153,48 @@ def _log_level(raw: str) -> str:
     if raw.lower() not in _LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
     return raw.lower()
+
+
+def _groups(raw: str) -> tuple[int, ...]:
+    """Group names or numbers, comma-separated."""
+    gids = []
+    for item in _items(raw):
+        if item.isdigit():
+            gids.append(int(item))
+            continue
+        try:
+            gids.append(grp.getgrnam(item).gr_gid)
+        except KeyError:
+            raise ValueError(f"no group named {item!r}") from None
+    return tuple(gids)
+
+
+def _uids(raw: str) -> tuple[int, ...]:
+    """User names or numbers, comma-separated."""
+    uids = []
+    for item in _items(raw):
+        if item.isdigit():
+            uids.append(int(item))
+            continue
+        try:
+            uids.append(pwd.getpwnam(item).pw_uid)
+        except KeyError:
+            raise ValueError(f"no user named {item!r}") from None
+    return tuple(uids)
+
+
+def _items(raw: str) -> list[str]:
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items:
+        raise ValueError("must list at least one name or number, comma-separated")
+    return items
+
+
+def _readable_file(raw: str) -> Path:
+    path = _path(raw)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+    return path

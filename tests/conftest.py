@@ -21,6 +21,7 @@ from aiohttp import web
 
 from loader.app import make_app
 from loader.log import Redactor
+from loader.server import make_runner, make_site
 from loader.settings import Settings
 from loader.systemd import Notifier
 from tests.dockerd import (
@@ -124,11 +125,12 @@ async def make_local_app() -> AsyncIterator[Callable[[Settings], Any]]:
             )
         redact = Redactor()
         app = make_app(settings, redact, Notifier({}))
-        runner = web.AppRunner(app)
+        runner = make_runner(app, settings)
         await runner.setup()
         runners.append(runner)
-        site = web.UnixSite(runner, str(settings.socket_path))
-        await site.start()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(settings.socket_path))
+        await make_site(runner, sock, settings).start()
         session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(settings.socket_path))
         )
