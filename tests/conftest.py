@@ -360,3 +360,16 @@ async def stop(proc: asyncio.subprocess.Process) -> tuple[int, str]:
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return proc.returncode, err.decode()
+
+
+@pytest.fixture(scope="session")
+def big_archive(
+    private_dockerd: PrivateDockerd, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ArchiveInfo]:
+    """An archive big enough for a load to take a while: faults can land in its middle."""
+    tags = build_stack_images(private_dockerd, "latest", payload_bytes=300 * 2**20)
+    path = tmp_path_factory.mktemp("big") / "images.enc"
+    info = write_archive(private_dockerd, tags, ARCHIVE_FRAGMENT, path)
+    remove_images(private_dockerd, tags)
+    yield info
+    path.unlink()

@@ -318,19 +318,6 @@ async def test_fifty_concurrent_unlocks_run_one_workflow(
     assert emulator.emulator.requests("GET", "/binary-split/key-fragment") == 1
 
 
-@pytest.fixture(scope="module")
-def big_archive(
-    private_dockerd: PrivateDockerd, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ArchiveInfo]:
-    """An archive big enough for a load to take a while: faults can land in its middle."""
-    tags = build_stack_images(private_dockerd, "latest", payload_bytes=300 * 2**20)
-    path = tmp_path_factory.mktemp("big") / "images.enc"
-    info = write_archive(private_dockerd, tags, ARCHIVE_FRAGMENT, path)
-    remove_images(private_dockerd, tags)
-    yield info
-    path.unlink()
-
-
 async def test_docker_dying_mid_load_then_back(
     start: Start,
     private_dockerd: PrivateDockerd,
