@@ -72,7 +72,7 @@ class RunningEmulator:
 @pytest.fixture
 async def emulator(
     aiohttp_server: Callable[..., Any], tmp_path: Path
-) -> AsyncIterator[RunningEmulator]:
+) -> RunningEmulator:
     config = EmulatorConfig(
         users={EMAIL: PASSWORD},
         archive_fragment=ARCHIVE_FRAGMENT,
