@@ -70,9 +70,7 @@ class RunningEmulator:
 
 
 @pytest.fixture
-async def emulator(
-    aiohttp_server: Callable[..., Any], tmp_path: Path
-) -> RunningEmulator:
+async def emulator(aiohttp_server: Callable[..., Any], tmp_path: Path) -> RunningEmulator:
     config = EmulatorConfig(
         users={EMAIL: PASSWORD},
         archive_fragment=ARCHIVE_FRAGMENT,
