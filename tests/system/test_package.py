@@ -337,6 +337,33 @@ def test_full_unlock_inside_with_progress_in_systemctl(
         restart(installed)
 
 
+def test_upload_and_load_with_the_cli_on_debians_libraries(
+    installed: Booted, emulator_url: str
+) -> None:
+    """The client commands and /upload, /load on Debian's aiohttp, cryptography and Python."""
+    machine = installed.machine
+    shipped = machine.run("cat", DEFAULTS).stdout
+    machine.write(
+        DEFAULTS, shipped + f"RESOURCE_API_URL={emulator_url}\nCDN_URL={emulator_url}/cdn\n"
+    )
+    model = machine.root / "root/model.onnx"
+    model.write_bytes(os.urandom(3_000_017))
+    try:
+        restart(installed)
+        cli = ("azaion-loader",)
+        machine.run(*cli, "login", "--email", EMAIL, "--password-stdin", input=PASSWORD + "\n")
+        machine.run(*cli, "upload", "/root/model.onnx", "--folder", "models")
+        machine.run("rm", "-f", "/var/cache/azaion-loader/models/models/model.onnx.big")
+        for _ in range(2):  # from the CDN, then from the cache
+            machine.run(*cli, "load", "models/model.onnx", "-o", "/root/copy.onnx")
+            assert (machine.root / "root/copy.onnx").read_bytes() == model.read_bytes()
+        assert exists(installed, "/var/cache/azaion-loader/models/models/model.onnx.big")
+    finally:
+        machine.write(DEFAULTS, shipped)
+        machine.run("rm", "-f", "/root/model.onnx", "/root/copy.onnx")
+        restart(installed)
+
+
 def test_bad_setting_stops_the_socket_after_the_start_limit(installed: Booted) -> None:
     """Exit 78 is not restarted; a waiting client retriggers it until StartLimitBurst=."""
     machine = installed.machine
