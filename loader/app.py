@@ -95,9 +95,11 @@ async def _resource_api(app: web.Application) -> AsyncIterator[None]:
         api = ResourceAPI(session, settings, app[REDACT])
         app[API] = api
         cache = ModelCache(settings.model_cache_dir)
-        await asyncio.to_thread(cache.remove_debris)
         app[RESOURCES] = Resources(settings, api, cache)
+        # Debris of a crash is only ever a hidden temporary file: no need to wait for it.
+        cleanup = asyncio.ensure_future(asyncio.to_thread(cache.remove_debris))
         yield
+        await cleanup
 
 
 async def _docker(app: web.Application) -> AsyncIterator[None]:

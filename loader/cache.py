@@ -113,6 +113,14 @@ class CacheWrite:
             self.abort()
             raise _storage_error(exc, self.partial) from None
 
+    def sync(self) -> None:
+        """Flush and fsync what is written so far."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as exc:
+            raise _storage_error(exc, self.partial) from None
+
     def commit(self, final: Path, small: bytes) -> None:
         try:
             self.file.flush()

@@ -1,6 +1,8 @@
 """The client commands for people on the device: status, login, unlock, load, upload.
 
-They talk to the daemon over its socket, as the local services do.
+They talk to the daemon over its socket, as the local services do. What only a client
+command needs is imported inside it: `serve` starts on the same parser, and every
+millisecond of its start-up delays the first request after socket activation.
 """
 
 from __future__ import annotations
@@ -8,11 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import getpass
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -308,6 +307,8 @@ class Progress:
         print(f"{self._what}: {message}", file=self._stream, flush=True)
 
     def _draw(self, stage: str, done: int, total: int) -> None:
+        import shutil
+
         width = shutil.get_terminal_size((80, 24)).columns
         elapsed = max(time.monotonic() - self._start, 1e-6)
         rate = done / elapsed
@@ -332,6 +333,8 @@ def _password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
+        import getpass
+
         password = getpass.getpass(f"password for {args.email}: ")
     if not password:
         raise Failed("no password given")
@@ -353,6 +356,9 @@ def _unreachable(socket_path: str, error: OSError) -> str:
             f"permission denied on {socket_path}: join the azaion-loader group "
             "(sudo usermod -aG azaion-loader $USER, then log in again)"
         )
+    import shutil
+    import subprocess
+
     reason = "no such socket" if isinstance(error, FileNotFoundError) else error.strerror
     hint = ""
     if socket_path == DEFAULT_SOCKET and shutil.which("systemctl"):

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import aiohttp
 
@@ -115,16 +115,18 @@ class ResourceAPI:
             headers={"Content-Type": content_type},
         )
 
-    async def put_big_part(self, folder: str, name: str, path: Path) -> None:
-        """PUT the file at `path` to the CDN as `NAME.big`, streamed from disk."""
+    async def put_big_part(self, folder: str, name: str, path: Path, size: int) -> None:
+        """PUT the file at `path` (`size` bytes) to the CDN as `NAME.big`, streamed from disk."""
         url = f"{self._settings.cdn_url}/{folder}/{name}.big"
         what = f"the upload of the big part of {folder}/{name}"
-
-        def body() -> BinaryIO:
-            return open(path, "rb")
-
         status, answer = await self._authorized(
-            "PUT", url, what=what, idempotent=False, timeout=self._transfer_timeout, data=body
+            "PUT",
+            url,
+            what=what,
+            idempotent=False,
+            timeout=self._transfer_timeout,
+            data=lambda: _file_chunks(path),
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
         )
         if status not in (200, 201, 204):
             raise _refusal(status, answer, "the CDN", what)
@@ -362,6 +364,16 @@ class ResourceAPI:
             )
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    """A file in big pieces, each read by a worker thread."""
+    source = await asyncio.to_thread(open, path, "rb")
+    try:
+        while chunk := await asyncio.to_thread(source.read, TRANSFER_CHUNK * 4):
+            yield chunk
+    finally:
+        source.close()
 
 
 def _backoff(attempt: int) -> float:

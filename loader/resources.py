@@ -9,6 +9,7 @@ cache or the CDN, decrypt `small || big` while streaming it to the caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -100,45 +101,46 @@ class Resources:
     async def _encrypt_into(
         self, key: bytes, chunks: AsyncIterator[bytes], spool: CacheWrite
     ) -> SpooledBlob:
-        encryptor = Encryptor(key)
         limit = self._settings.max_upload_bytes
+        cutter = _Cutter(Encryptor(key), spool)
         received = 0
-        head = bytearray()  # the blob's start, until we know where the cut falls
-        pending = bytearray()  # ciphertext for the spool, written in big pieces
-        cut_known = False
-        async for chunk in chunks:
-            received += len(chunk)
-            if received > limit:
-                raise PayloadTooLarge(f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)")
-            out = encryptor.update(chunk)
-            if cut_known:
-                pending += out
-            else:
-                head += out
-                if len(head) >= _FULL_CUT_FROM:
-                    cut_known = True
-                    pending += head[SMALL_PART_MAX:]
-                    del head[SMALL_PART_MAX:]
-            if len(pending) >= CHUNK:
-                await asyncio.to_thread(spool.write, bytes(pending))
-                pending.clear()
-        tail = encryptor.finalize()
-        if cut_known:
-            pending += tail
-            small = bytes(head)
-        else:
-            blob = bytes(head + tail)
-            cut = small_part_size(len(blob))
-            small, pending = blob[:cut], bytearray(blob[cut:])
-        await asyncio.to_thread(spool.write, bytes(pending))
-        await asyncio.to_thread(spool.flush)
+        batch = bytearray()
+        # One batch at a time in a worker: it encrypts and spools while the next arrives.
+        job: asyncio.Future[None] | None = None
+        try:
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLarge(
+                        f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)"
+                    )
+                batch += chunk
+                if len(batch) >= CHUNK:
+                    if job is not None:
+                        await job
+                    job = asyncio.ensure_future(asyncio.to_thread(cutter.feed, bytes(batch)))
+                    batch.clear()
+            if job is not None:
+                await job
+            small = await asyncio.to_thread(cutter.finish, bytes(batch))
+        except BaseException:
+            if job is not None:  # let the worker finish before the spool is thrown away
+                with contextlib.suppress(Exception):
+                    await job
+            raise
         return SpooledBlob(small, spool, received)
 
     async def publish(self, folder: str, name: str, blob: SpooledBlob) -> None:
         """Big part to the CDN, then the small part to the API (the small part makes it
         loadable), then the big part into the cache."""
-        await self._api.put_big_part(folder, name, blob.big.partial)
-        await self._api.upload_small_part(folder, name, blob.small)
+        # The spool reaches the disk while the parts travel: the commit's fsync is then quick.
+        syncing = asyncio.ensure_future(asyncio.to_thread(blob.big.sync))
+        try:
+            await self._api.put_big_part(folder, name, blob.big.partial, blob.big.size)
+            await self._api.upload_small_part(folder, name, blob.small)
+        finally:
+            with contextlib.suppress(Exception):
+                await syncing
         log.info("uploaded %s/%s (%d bytes)", folder, name, blob.plaintext_size)
         if blob.big.partial.parent == self._cache.root:
             try:
@@ -232,6 +234,42 @@ class Resources:
             )
 
 
+class _Cutter:
+    """Encrypts batches and cuts the blob: the first SMALL_PART_MAX bytes stay in memory
+    until the blob is long enough for the cut to be certain; the rest goes to the spool.
+    Used by one worker at a time."""
+
+    def __init__(self, encryptor: Encryptor, spool: CacheWrite) -> None:
+        self._encryptor = encryptor
+        self._spool = spool
+        self._head = bytearray()
+        self._cut_known = False
+
+    def feed(self, plaintext: bytes) -> None:
+        self._take(self._encryptor.update(plaintext))
+
+    def finish(self, plaintext: bytes) -> bytes:
+        """The last plaintext; returns the small part, with the big part spooled."""
+        self._take(self._encryptor.update(plaintext) + self._encryptor.finalize())
+        if not self._cut_known:
+            blob = bytes(self._head)
+            cut = small_part_size(len(blob))
+            self._spool.write(blob[cut:])
+            self._head = bytearray(blob[:cut])
+        self._spool.flush()
+        return bytes(self._head)
+
+    def _take(self, ciphertext: bytes) -> None:
+        if self._cut_known:
+            self._spool.write(ciphertext)
+            return
+        self._head += ciphertext
+        if len(self._head) >= _FULL_CUT_FROM:
+            self._cut_known = True
+            self._spool.write(bytes(self._head[SMALL_PART_MAX:]))
+            del self._head[SMALL_PART_MAX:]
+
+
 def _cached_plaintext_size(key: bytes, small: bytes, path: Path, big_size: int) -> int:
     with open(path, "rb") as big:
         if big_size >= TAIL:
@@ -246,15 +284,21 @@ async def _decrypt_file(key: bytes, small: bytes, path: Path) -> AsyncGenerator[
     decryptor = Decryptor(key)
     yield decryptor.update(small)
     big = await asyncio.to_thread(open, path, "rb")
+
+    def next_piece() -> bytes | None:
+        data = big.read(CHUNK)
+        return decryptor.update(data) if data else None
+
+    # One piece ahead: the worker reads and decrypts the next while the caller takes this one.
+    ahead = asyncio.ensure_future(asyncio.to_thread(next_piece))
     try:
-
-        def next_piece() -> bytes | None:
-            data = big.read(CHUNK)
-            return decryptor.update(data) if data else None
-
-        while (piece := await asyncio.to_thread(next_piece)) is not None:
+        while (piece := await ahead) is not None:
+            ahead = asyncio.ensure_future(asyncio.to_thread(next_piece))
             yield piece
     finally:
+        # The worker may still be reading: let it finish before the file closes.
+        with contextlib.suppress(Exception):
+            await ahead
         big.close()
     yield decryptor.finalize()
 

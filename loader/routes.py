@@ -22,6 +22,7 @@ _UPLOAD_CHUNK = 256 * 1024
 # Multipart boundaries and headers, beyond the file itself.
 _FORM_OVERHEAD = 64 * 1024
 _MAX_FIELD = 4096
+_LOAD_BUFFER = 4 * 1024 * 1024
 
 
 @routes.get("/health")
@@ -59,6 +60,9 @@ async def load(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = plaintext.size
     await response.prepare(request)
+    if request.transport is not None:
+        # Room for a whole piece or two: the next is decrypted while the socket drains.
+        request.transport.set_write_buffer_limits(high=_LOAD_BUFFER)
     try:
         async for chunk in plaintext.chunks:
             await response.write(chunk)

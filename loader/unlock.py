@@ -32,7 +32,8 @@ from loader.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256 * 1024
+# Measured (bench/): 1 MiB reads decrypt faster than openssl; 256 KiB ones 20% slower.
+CHUNK = 1024 * 1024
 # Docker spools the whole tarball to its data root, then unpacks the layers beside it.
 SPACE_FACTOR = 2
 
