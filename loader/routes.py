@@ -22,7 +22,7 @@ _UPLOAD_CHUNK = 256 * 1024
 # Multipart boundaries and headers, beyond the file itself.
 _FORM_OVERHEAD = 64 * 1024
 _MAX_FIELD = 4096
-_LOAD_BUFFER = 4 * 1024 * 1024
+_LOAD_BUFFER = 1024 * 1024
 
 
 @routes.get("/health")
@@ -61,7 +61,7 @@ async def load(request: web.Request) -> web.StreamResponse:
     response.content_length = plaintext.size
     await response.prepare(request)
     if request.transport is not None:
-        # Room for a whole piece or two: the next is decrypted while the socket drains.
+        # Room for a whole piece: the next is decrypted while the socket drains.
         request.transport.set_write_buffer_limits(high=_LOAD_BUFFER)
     try:
         async for chunk in plaintext.chunks:
