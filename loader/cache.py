@@ -1,9 +1,10 @@
 """The model cache: big parts at MODEL_CACHE_DIR/FOLDER/NAME.big, written atomically.
 
 A cache file appears whole or not at all: it is written under a temporary name in the
-same folder, fsynced, and renamed. Each entry carries the SHA-256 of the small part it
-belongs to (an extended attribute), so a big part left over from an older upload of the
-same name is known as stale even though CBC would decrypt it without complaint.
+same folder, fsynced, and renamed. Each entry carries, in extended attributes, the SHA-256
+of the small part it belongs to, so that a big part left over from an older upload of the
+same name is known as stale even though CBC would decrypt it without complaint, and its
+own SHA-256, so that damage on disk is caught.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import secrets
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 _PARTIAL = ".part"
 _SMALL_DIGEST_ATTR = "user.azaion.small-sha256"
+# The entry's own digest: a bit flipped on disk is caught before the stream's last block.
+_BIG_DIGEST_ATTR = "user.azaion.big-sha256"
 
 
 def small_digest(small: bytes) -> bytes:
@@ -51,21 +55,23 @@ class ModelCache:
             log.info("removed %d partial cache files left by an earlier run", removed)
         return removed
 
-    def lookup(self, folder: str, name: str, small: bytes) -> tuple[Path, int] | None:
-        """The entry and its size, if it is there and belongs to this small part."""
-        path = self.path(folder, name)
+    def open(self, folder: str, name: str, small: bytes) -> CacheEntry | None:
+        """The entry, open for reading, if it is there and belongs to this small part.
+
+        One open file serves the checks and the stream: an entry removed meanwhile by
+        someone else cannot vanish halfway.
+        """
         try:
-            size = path.stat().st_size
+            file = open(self.path(folder, name), "rb")  # noqa: SIM115 - the entry owns it
         except OSError:
             return None
-        try:
-            recorded = os.getxattr(path, _SMALL_DIGEST_ATTR)
-        except OSError:
-            return path, size  # no attribute support here: the padding check must do
-        if recorded != small_digest(small):
+        fd = file.fileno()
+        recorded = _attribute(fd, _SMALL_DIGEST_ATTR)
+        if recorded is not None and recorded != small_digest(small):
+            file.close()
             log.info("cached %s/%s.big belongs to an older upload: fetching it again", folder, name)
             return None
-        return path, size
+        return CacheEntry(file, os.fstat(fd).st_size, _attribute(fd, _BIG_DIGEST_ATTR))
 
     def begin(self) -> CacheWrite:
         """A new file under a temporary name in the cache; OSError when the cache is unusable."""
@@ -90,6 +96,22 @@ class ModelCache:
             self.path(folder, name).unlink()
 
 
+@dataclass
+class CacheEntry:
+    """A cache entry open for reading; `digest` is None where attributes are not kept."""
+
+    file: BinaryIO
+    size: int
+    digest: bytes | None
+
+
+def _attribute(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError:
+        return None  # not set, or no attribute support here
+
+
 class CacheWrite:
     """A file being written: `commit` renames it into place whole, `abort` leaves nothing."""
 
@@ -97,6 +119,7 @@ class CacheWrite:
         self.partial = partial
         self.file = file
         self.size = 0
+        self.digest = hashlib.sha256()
 
     def write(self, data: bytes) -> None:
         try:
@@ -105,6 +128,7 @@ class CacheWrite:
             self.abort()
             raise _storage_error(exc, self.partial) from None
         self.size += len(data)
+        self.digest.update(data)
 
     def flush(self) -> None:
         try:
@@ -126,6 +150,7 @@ class CacheWrite:
             self.file.flush()
             with contextlib.suppress(OSError):
                 os.setxattr(self.file.fileno(), _SMALL_DIGEST_ATTR, small_digest(small))
+                os.setxattr(self.file.fileno(), _BIG_DIGEST_ATTR, self.digest.digest())
             os.fsync(self.file.fileno())
             self.file.close()
             os.replace(self.partial, final)

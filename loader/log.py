@@ -69,5 +69,3 @@ def setup(level: str, redact: Redactor, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiohttp's access log goes through the same handler; its own format is set by the server.
-    logging.getLogger("aiohttp.access").setLevel(logging.INFO)

@@ -79,11 +79,13 @@ class ResourceAPI:
 
     async def login(self, email: str, password: str) -> None:
         """Log in; on success these credentials become the daemon's. WrongCredentials if refused."""
-        self._redact.add(password)
         credentials = Credentials(email, password)
         async with self._login_lock:
             self._token = await self._fetch_token(credentials)
             self._credentials = credentials
+        # Only a password that works is a secret worth blanking out: blanking every one tried
+        # would let any caller blank any word out of the log. None of them is ever logged.
+        self._redact.add(password)
         log.info("logged in to the Resource API as %s", email)
 
     async def fetch_archive_fragment(self) -> bytes:
@@ -150,8 +152,10 @@ class ResourceAPI:
                 return total, body[-TAIL:]
             except aiohttp.ClientSSLError as exc:
                 raise _untrusted("the CDN", exc) from None
-            except _TRANSIENT as exc:
+            except (*_TRANSIENT, _CdnFailing) as exc:
                 if attempt == attempts:
+                    if isinstance(exc, _CdnFailing):
+                        raise exc.refusal from None
                     raise RemoteUnavailable(
                         f"could not reach the CDN for {what}: {_describe(exc)}"
                     ) from None
@@ -185,8 +189,10 @@ class ResourceAPI:
                         yield chunk
             except aiohttp.ClientSSLError as exc:
                 raise _untrusted("the CDN", exc) from None
-            except _TRANSIENT as exc:
+            except (*_TRANSIENT, _CdnFailing) as exc:
                 if attempt == attempts:
+                    if isinstance(exc, _CdnFailing):
+                        raise exc.refusal from None
                     raise RemoteUnavailable(
                         f"the CDN's {what} was cut at byte {offset}: {_describe(exc)}"
                     ) from None
@@ -210,21 +216,17 @@ class ResourceAPI:
     async def _cdn_get(
         self, url: str, what: str, byte_range: str | None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """An open 200 or 206 answer of the CDN. Failures in transit, and 5xx as
+        `_CdnFailing`, are the caller's to retry."""
         headers = {"Range": byte_range} if byte_range else {}
-        try:
-            async with self._session.get(
-                url, headers=headers, timeout=self._transfer_timeout, allow_redirects=True
-            ) as resp:
-                if resp.status not in (200, 206):
-                    body = await resp.content.read(_MAX_ERROR_BODY)
-                    raise _refusal(resp.status, body, "the CDN", what)
-                yield resp
-        except _TRANSIENT as exc:
-            if isinstance(exc, aiohttp.ClientPayloadError):
-                raise
-            raise RemoteUnavailable(
-                f"could not reach the CDN for {what}: {_describe(exc)}"
-            ) from exc
+        async with self._session.get(
+            url, headers=headers, timeout=self._transfer_timeout, allow_redirects=True
+        ) as resp:
+            if resp.status not in (200, 206):
+                body = await resp.content.read(_MAX_ERROR_BODY)
+                refusal = _refusal(resp.status, body, "the CDN", what)
+                raise _CdnFailing(refusal) if resp.status >= 500 else refusal
+            yield resp
 
     async def _fetch_fragment(self, path: str) -> bytes:
         fragment = await self.call("GET", path, what="the key fragment")
@@ -263,9 +265,10 @@ class ResourceAPI:
             raise NotAuthenticated(
                 "not logged in: call /login (or /unlock) with the Resource API credentials first"
             )
+        extra_headers = kwargs.pop("headers", {})
         for attempt in (1, 2):
             token = self._token
-            headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
+            headers = {**extra_headers, "Authorization": f"Bearer {token}"}
             status, body = await self._exchange(
                 method, url, what=what, idempotent=idempotent, headers=headers, **kwargs
             )
@@ -364,6 +367,14 @@ class ResourceAPI:
             )
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+class _CdnFailing(Exception):
+    """A 5xx from the CDN: retried like a failure in transit, then `refusal` is raised."""
+
+    def __init__(self, refusal: LoaderError) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:

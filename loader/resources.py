@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from loader.cache import CacheWrite, ModelCache, spool_elsewhere
+from loader.cache import CacheEntry, CacheWrite, ModelCache, spool_elsewhere
 from loader.crypto import (
     SMALL_PART_MAX,
     Decryptor,
@@ -65,6 +65,8 @@ class Plaintext:
 
     size: int
     chunks: AsyncGenerator[bytes, None]
+    # Releases what `chunks` holds should it never be iterated.
+    close: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Resources:
         self._settings = settings
         self._api = api
         self._cache = cache
-        self._downloads: dict[tuple[str, str], asyncio.Task[tuple[Path, int] | None]] = {}
+        self._downloads: dict[tuple[str, str], asyncio.Task[bool]] = {}
         self._cache_warned = False
 
     def require_login(self) -> None:
@@ -166,35 +168,47 @@ class Resources:
         key = key_from_fragment(await self._api.fetch_resource_fragment())
         small = await self._api.fetch_small_part(folder, name)
 
-        entry = await asyncio.to_thread(self._cache.lookup, folder, name, small)
+        entry = await asyncio.to_thread(self._cache.open, folder, name, small)
         if entry is not None:
             try:
-                size = await asyncio.to_thread(_cached_plaintext_size, key, small, *entry)
-                return Plaintext(size, _decrypt_file(key, small, entry[0]))
-            except DecryptionFailed:
+                size = await asyncio.to_thread(_cached_plaintext_size, key, small, entry)
+                return Plaintext(
+                    size, self._decrypt_entry(key, small, entry, folder, name), entry.file.close
+                )
+            except (DecryptionFailed, OSError):
+                entry.file.close()
                 log.warning(
                     "the cached big part of %s/%s does not decrypt with the API's small part: "
                     "stale, fetching it again",
                     folder,
                     name,
                 )
-        entry = await self._download(folder, name, small)
-        if entry is None:  # the cache cannot be written: straight from the CDN
-            total, tail = await self._api.big_part_tail(folder, name)
-            size = plaintext_size(key, len(small) + total, (small + tail)[-TAIL:])
-            return Plaintext(size, _decrypt_stream(key, small, self._api, folder, name))
-        try:
-            size = await asyncio.to_thread(_cached_plaintext_size, key, small, *entry)
-        except DecryptionFailed:
-            await asyncio.to_thread(self._cache.discard, folder, name)
-            raise DecryptionFailed(
-                f"{folder}/{name} does not decrypt: its parts on the API and the CDN do not "
-                "match, or the key has changed"
-            ) from None
-        return Plaintext(size, _decrypt_file(key, small, entry[0]))
+        for _ in range(2):  # the fresh entry may be removed by someone before we open it
+            if not await self._download(folder, name, small):
+                # The cache cannot be written: straight from the CDN.
+                total, tail = await self._api.big_part_tail(folder, name)
+                size = plaintext_size(key, len(small) + total, (small + tail)[-TAIL:])
+                return Plaintext(size, _decrypt_stream(key, small, self._api, folder, name))
+            entry = await asyncio.to_thread(self._cache.open, folder, name, small)
+            if entry is None:
+                continue
+            try:
+                size = await asyncio.to_thread(_cached_plaintext_size, key, small, entry)
+            except DecryptionFailed:
+                entry.file.close()
+                await asyncio.to_thread(self._cache.discard, folder, name)
+                raise DecryptionFailed(
+                    f"{folder}/{name} does not decrypt: its parts on the API and the CDN do "
+                    "not match, or the key has changed"
+                ) from None
+            return Plaintext(
+                size, self._decrypt_entry(key, small, entry, folder, name), entry.file.close
+            )
+        raise LoaderError(f"the cache entry of {folder}/{name} was removed as it was fetched")
 
-    async def _download(self, folder: str, name: str, small: bytes) -> tuple[Path, int] | None:
-        """The big part, fetched into the cache once however many callers want it at once."""
+    async def _download(self, folder: str, name: str, small: bytes) -> bool:
+        """The big part, fetched into the cache once however many callers want it at once;
+        False when the cache cannot be written."""
         key = (folder, name)
         task = self._downloads.get(key)
         if task is None:
@@ -204,14 +218,12 @@ class Resources:
         # A caller that hangs up must not cancel the download the others wait for.
         return await asyncio.shield(task)
 
-    async def _fetch_into_cache(
-        self, folder: str, name: str, small: bytes
-    ) -> tuple[Path, int] | None:
+    async def _fetch_into_cache(self, folder: str, name: str, small: bytes) -> bool:
         try:
             write = await asyncio.to_thread(self._cache.begin)
         except OSError as exc:
             self._warn_cache(exc)
-            return None
+            return False
         try:
             pending = bytearray()
             async for chunk in self._api.stream_big_part(folder, name):
@@ -220,12 +232,47 @@ class Resources:
                     await asyncio.to_thread(write.write, bytes(pending))
                     pending.clear()
             await asyncio.to_thread(write.write, bytes(pending))
-            path = await asyncio.to_thread(self._cache.commit, write, folder, name, small)
+            await asyncio.to_thread(self._cache.commit, write, folder, name, small)
         except BaseException:
             await asyncio.to_thread(write.abort)
             raise
         log.info("cached %s/%s.big (%d bytes)", folder, name, write.size)
-        return path, write.size
+        return True
+
+    async def _decrypt_entry(
+        self, key: bytes, small: bytes, entry: CacheEntry, folder: str, name: str
+    ) -> AsyncGenerator[bytes, None]:
+        """The plaintext of `small || entry`; the last block is held back until the entry's
+        digest checks out, so a caller never gets the whole of a damaged one."""
+        decryptor = Decryptor(key)
+        digest = hashlib.sha256()
+
+        def next_piece() -> bytes | None:
+            data = entry.file.read(LOAD_PIECE)
+            if not data:
+                return None
+            digest.update(data)
+            return decryptor.update(data)
+
+        ahead: asyncio.Future[bytes | None] | None = None
+        try:
+            yield decryptor.update(small)
+            # One piece ahead: a worker reads and decrypts the next while this one is sent.
+            ahead = asyncio.ensure_future(asyncio.to_thread(next_piece))
+            while (piece := await ahead) is not None:
+                ahead = asyncio.ensure_future(asyncio.to_thread(next_piece))
+                yield piece
+            if entry.digest is not None and digest.digest() != entry.digest:
+                await asyncio.to_thread(self._cache.discard, folder, name)
+                raise DecryptionFailed(
+                    f"the cached big part of {folder}/{name} is damaged: removed, load it again"
+                )
+            yield decryptor.finalize()
+        finally:
+            if ahead is not None:  # the worker may still be reading: let it finish first
+                with contextlib.suppress(Exception):
+                    await ahead
+            entry.file.close()
 
     def _warn_cache(self, exc: OSError) -> None:
         if not self._cache_warned:
@@ -273,37 +320,15 @@ class _Cutter:
             del self._head[SMALL_PART_MAX:]
 
 
-def _cached_plaintext_size(key: bytes, small: bytes, path: Path, big_size: int) -> int:
-    with open(path, "rb") as big:
-        if big_size >= TAIL:
-            big.seek(big_size - TAIL)
-            tail = big.read(TAIL)
-        else:
-            tail = (small + big.read())[-TAIL:]
-    return plaintext_size(key, len(small) + big_size, tail)
-
-
-async def _decrypt_file(key: bytes, small: bytes, path: Path) -> AsyncGenerator[bytes, None]:
-    decryptor = Decryptor(key)
-    yield decryptor.update(small)
-    big = await asyncio.to_thread(open, path, "rb")
-
-    def next_piece() -> bytes | None:
-        data = big.read(LOAD_PIECE)
-        return decryptor.update(data) if data else None
-
-    # One piece ahead: the worker reads and decrypts the next while the caller takes this one.
-    ahead = asyncio.ensure_future(asyncio.to_thread(next_piece))
-    try:
-        while (piece := await ahead) is not None:
-            ahead = asyncio.ensure_future(asyncio.to_thread(next_piece))
-            yield piece
-    finally:
-        # The worker may still be reading: let it finish before the file closes.
-        with contextlib.suppress(Exception):
-            await ahead
-        big.close()
-    yield decryptor.finalize()
+def _cached_plaintext_size(key: bytes, small: bytes, entry: CacheEntry) -> int:
+    if entry.size >= TAIL:
+        entry.file.seek(entry.size - TAIL)
+        tail = entry.file.read(TAIL)
+    else:
+        entry.file.seek(0)
+        tail = (small + entry.file.read())[-TAIL:]
+    entry.file.seek(0)
+    return plaintext_size(key, len(small) + entry.size, tail)
 
 
 async def _decrypt_stream(

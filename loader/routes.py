@@ -8,7 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from loader.app import API, RESOURCES, SETTINGS, UNLOCKER
 from loader.errors import LoaderError, NameMismatch, PayloadTooLarge, ValidationFailed
@@ -48,8 +49,12 @@ async def login(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-# `.*` so that a name with a slash, or any traversal form, gets its 400 rather than a 404.
-@routes.post("/load/{filename:.*}")
+# Any rest of the path (newlines too), so that a name with a slash, or any traversal form,
+# gets its 400 rather than a 404.
+_ANY_NAME = r"{filename:[\s\S]*}"
+
+
+@routes.post(f"/load/{_ANY_NAME}")
 async def load(request: web.Request) -> web.StreamResponse:
     name = check_name("resource name", request.match_info["filename"])
     body = await json_body(request, {"filename": str, "folder": str})
@@ -59,27 +64,39 @@ async def load(request: web.Request) -> web.StreamResponse:
     plaintext = await request.app[RESOURCES].open(folder, name)
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = plaintext.size
-    await response.prepare(request)
-    if request.transport is not None:
-        # Room for a whole piece: the next is decrypted while the socket drains.
-        request.transport.set_write_buffer_limits(high=_LOAD_BUFFER)
     try:
+        await response.prepare(request)
+        if request.transport is not None:
+            # Room for a whole piece: the next is decrypted while the socket drains.
+            request.transport.set_write_buffer_limits(high=_LOAD_BUFFER)
+        # The last piece goes with write_eof(), which then waits, with no high-water mark,
+        # until every byte has left: a stop right after this handler returns loses nothing.
+        # (aiohttp >= 3.9 does not wait when write_eof() is given nothing.)
+        last = b""
         async for chunk in plaintext.chunks:
-            await response.write(chunk)
-    except LoaderError as exc:
+            if chunk:
+                if last:
+                    await response.write(last)
+                last = chunk
+        if request.transport is not None:
+            request.transport.set_write_buffer_limits(high=0)
+        await response.write_eof(last)
+    except Exception as exc:
         # The status is sent: all that is left is to cut the body short, which the caller
         # sees against the Content-Length.
-        log.error("load of %s/%s failed mid-stream: %s", folder, name, exc.message)
+        if isinstance(exc, LoaderError):
+            log.error("load of %s/%s failed mid-stream: %s", folder, name, exc.message)
+        elif not isinstance(exc, ConnectionError):
+            log.exception("load of %s/%s failed mid-stream", folder, name)
         if request.transport is not None:
             request.transport.abort()
-        return response
     finally:
         await plaintext.chunks.aclose()
-    await response.write_eof()
+        plaintext.close()
     return response
 
 
-@routes.post("/upload/{filename:.*}")
+@routes.post(f"/upload/{_ANY_NAME}")
 async def upload(request: web.Request) -> web.Response:
     name = check_name("resource name", request.match_info["filename"])
     resources = request.app[RESOURCES]
@@ -93,7 +110,7 @@ async def upload(request: web.Request) -> web.Response:
     blob: SpooledBlob | None = None
     try:
         reader = await request.multipart()
-        while (part := await reader.next()) is not None:
+        while (part := await _next_part(reader)) is not None:
             if not isinstance(part, BodyPartReader):
                 raise ValidationFailed("body: nested multipart is not accepted")
             if part.name == "folder":
@@ -130,8 +147,21 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
+async def _next_part(reader: MultipartReader) -> Any:
+    try:
+        return await reader.next()
+    except (HttpProcessingError, ValueError, AssertionError):
+        raise ValidationFailed("body: malformed multipart/form-data") from None
+
+
 async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(_UPLOAD_CHUNK):
+    while True:
+        try:
+            chunk = await part.read_chunk(_UPLOAD_CHUNK)
+        except (HttpProcessingError, ValueError, AssertionError):
+            raise ValidationFailed("body: malformed multipart/form-data") from None
+        if not chunk:
+            return
         yield chunk
 
 

@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -304,6 +305,9 @@ class _DecryptedArchive:
 def _check_archive(path: Path, key: bytes) -> int:
     """The archive's size, once its tail shows that `key` decrypts it (PKCS7 padding checks)."""
     try:
+        # A FIFO or a device would block open() or read forever.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ArchiveUnreadable(f"cannot read the archive {path}: not a regular file")
         with open(path, "rb") as archive:
             size = os.fstat(archive.fileno()).st_size
             if size < 3 * BLOCK:

@@ -49,6 +49,8 @@ class Emulator:
         self._downloads: Counter[str] = Counter()
         self._logins = 0
         self._failed_logins = 0
+        # Every token ever issued, for tests that look for them where they must not be.
+        self.issued_tokens: list[str] = []
 
     # Authentication
 
@@ -65,6 +67,7 @@ class Emulator:
         token = secrets.token_urlsafe(32)
         self._token_expiry[token] = now + self.config.token_ttl
         self._logins += 1
+        self.issued_tokens.append(token)
         return token
 
     def token_is_valid(self, token: str) -> bool:
