@@ -193,8 +193,7 @@ def _items(raw: str) -> list[str]:
 def _readable_file(raw: str) -> Path:
     path = _path(raw)
     try:
-        with open(path, "rb"):
-            pass
+        path.open("rb").close()
     except OSError as exc:
         raise ValueError(f"cannot read it: {exc.strerror}") from None
     return path
