@@ -287,6 +287,20 @@ async def soak(args: argparse.Namespace, scratch: Path) -> int:
             )
             for name, data in resources.items():
                 await until_ok(f"upload {name}", functools.partial(upload, session, name, data))
+        # A warm-up with the same load first: RSS growth should show leaks, not the first use
+        # of code that loads lazily (the Docker SDK at the first /unlock) or pools filling up.
+        rss_setup = rss_kib(daemon.pid)
+        warm_until = time.monotonic() + args.warmup
+        await asyncio.gather(
+            *(
+                worker(socket, resources, cache, warm_until, args.seed * 1000 + i, Tally())
+                for i in range(args.concurrency)
+            )
+        )
+        print(
+            f"warmed up for {args.warmup:g} s: RSS {rss_setup / 1024:.1f} MiB after setup, "
+            f"{rss_kib(daemon.pid) / 1024:.1f} MiB now"
+        )
         tally = Tally()
         rss_start = rss_kib(daemon.pid)
         until = time.monotonic() + args.minutes * 60
@@ -375,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--warmup", type=float, default=60.0, help="seconds of load before RSS is first read"
+    )
     parser.add_argument("--error-rate", type=float, default=0.05)
     parser.add_argument("--drop-rate", type=float, default=0.02)
     parser.add_argument("--truncate-rate", type=float, default=0.02)

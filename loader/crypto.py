@@ -25,7 +25,7 @@ def _cbc(key: bytes, iv: bytes) -> Any:
     return Cipher(algorithms.AES(key), modes.CBC(iv))
 
 
-def _pkcs7() -> Any:
+def _pkcs7() -> Any:  # the Encryptor's padding
     from cryptography.hazmat.primitives import padding
 
     return padding.PKCS7(BLOCK * 8)
@@ -50,38 +50,54 @@ class Decryptor:
     """Decrypts a blob fed in pieces of any size; `finalize` checks the padding.
 
     A wrong key or a damaged blob raises DecryptionFailed, from `finalize` at the latest.
+    The last decrypted block is always held back, since it carries the padding: a caller
+    never receives the tail of a blob that fails.
     """
 
     def __init__(self, key: bytes) -> None:
         self._key = key
         self._iv = b""
         self._decryptor: Any = None
-        self._unpadder = _pkcs7().unpadder()
         self._cipher_bytes = 0
+        # Decrypted in place after the held-back block: one copy out per piece (bench/).
+        self._buffer = bytearray()
+        self._held = 0
 
-    def update(self, data: bytes) -> bytes:
+    def update(self, data: bytes | memoryview) -> bytes:
         if self._decryptor is None:
             need = IV_SIZE - len(self._iv)
-            self._iv += data[:need]
+            self._iv += bytes(data[:need])
             data = data[need:]
             if len(self._iv) < IV_SIZE:
                 return b""
             self._decryptor = _cbc(self._key, self._iv).decryptor()
         self._cipher_bytes += len(data)
-        return self._unpadder.update(self._decryptor.update(data))
+        size = self._held + len(data) + BLOCK
+        if len(self._buffer) < size:
+            self._buffer.extend(bytes(size - len(self._buffer)))
+        view = memoryview(self._buffer)
+        done = self._held + self._decryptor.update_into(data, view[self._held :])
+        if done <= BLOCK:
+            self._held = done
+            return b""
+        out = bytes(view[: done - BLOCK])
+        view[:BLOCK] = view[done - BLOCK : done]
+        self._held = BLOCK
+        return out
 
     def finalize(self) -> bytes:
         if self._decryptor is None or self._cipher_bytes == 0:
             raise DecryptionFailed("the encrypted data is too short to hold anything")
         if self._cipher_bytes % BLOCK:
             raise DecryptionFailed("the encrypted data is cut short (not whole AES blocks)")
-        try:
-            tail = self._decryptor.finalize()
-            return self._unpadder.update(tail) + self._unpadder.finalize()
-        except ValueError:
+        self._decryptor.finalize()
+        last = bytes(self._buffer[: self._held])
+        pad = last[-1] if len(last) == BLOCK else 0
+        if not 1 <= pad <= BLOCK or last[-pad:] != bytes([pad]) * pad:
             raise DecryptionFailed(
                 "the data does not decrypt: wrong key, or the encrypted data is damaged"
-            ) from None
+            )
+        return last[:-pad]
 
 
 class Encryptor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import sys
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve() -> int:
+    _tune_malloc()
     redact = logs.Redactor()
     logs.setup("info", redact)
     try:
@@ -65,6 +67,27 @@ def serve() -> int:
         log.error("cannot start: %s", exc.message)
         return EXIT_FAILURE
     return 0
+
+
+def _tune_malloc() -> None:
+    """Keep the RSS of a long-running daemon flat under big transfers (bench/soak.py).
+
+    glibc raises its mmap threshold as big blocks are freed, after which the transfer
+    buffers (256 KiB to 1 MiB) come from the heaps and their memory stays with the process;
+    every worker thread also gets an arena of its own. A fixed threshold gives such buffers
+    their own mappings, returned to the system on free, and two arenas are plenty.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: libc's, if glibc
+    except (OSError, AttributeError):
+        return  # not glibc
+    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    mallopt(_M_ARENA_MAX, 2)
+
+
+# malloc.h
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 if __name__ == "__main__":

@@ -109,8 +109,9 @@ class Resources:
         limit = self._settings.max_upload_bytes
         cutter = _Cutter(Encryptor(key), spool)
         received = 0
-        batch = bytearray()
-        # One batch at a time in a worker: it encrypts and spools while the next arrives.
+        batch: list[bytes] = []
+        batched = 0
+        # One batch at a time in a worker: it joins, encrypts and spools while the next arrives.
         job: asyncio.Future[None] | None = None
         try:
             async for chunk in chunks:
@@ -119,15 +120,16 @@ class Resources:
                     raise PayloadTooLarge(
                         f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)"
                     )
-                batch += chunk
-                if len(batch) >= CHUNK:
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= CHUNK:
                     if job is not None:
                         await job
-                    job = asyncio.ensure_future(asyncio.to_thread(cutter.feed, bytes(batch)))
-                    batch.clear()
+                    job = asyncio.ensure_future(asyncio.to_thread(cutter.feed, batch))
+                    batch, batched = [], 0
             if job is not None:
                 await job
-            small = await asyncio.to_thread(cutter.finish, bytes(batch))
+            small = await asyncio.to_thread(cutter.finish, batch)
         except BaseException:
             if job is not None:  # let the worker finish before the spool is thrown away
                 with contextlib.suppress(Exception):
@@ -185,10 +187,7 @@ class Resources:
                 )
         for _ in range(2):  # the fresh entry may be removed by someone before we open it
             if not await self._download(folder, name, small):
-                # The cache cannot be written: straight from the CDN.
-                total, tail = await self._api.big_part_tail(folder, name)
-                size = plaintext_size(key, len(small) + total, (small + tail)[-TAIL:])
-                return Plaintext(size, _decrypt_stream(key, small, self._api, folder, name))
+                break  # the cache cannot be written
             entry = await asyncio.to_thread(self._cache.open, folder, name, small)
             if entry is None:
                 continue
@@ -204,7 +203,10 @@ class Resources:
             return Plaintext(
                 size, self._decrypt_entry(key, small, entry, folder, name), entry.file.close
             )
-        raise LoaderError(f"the cache entry of {folder}/{name} was removed as it was fetched")
+        # No cache to hold it: straight from the CDN.
+        total, tail = await self._api.big_part_tail(folder, name)
+        size = plaintext_size(key, len(small) + total, (small + tail)[-TAIL:])
+        return Plaintext(size, _decrypt_stream(key, small, self._api, folder, name))
 
     async def _download(self, folder: str, name: str, small: bytes) -> bool:
         """The big part, fetched into the cache once however many callers want it at once;
@@ -295,12 +297,12 @@ class _Cutter:
         self._head = bytearray()
         self._cut_known = False
 
-    def feed(self, plaintext: bytes) -> None:
-        self._take(self._encryptor.update(plaintext))
+    def feed(self, plaintext: list[bytes]) -> None:
+        self._take(self._encryptor.update(b"".join(plaintext)))
 
-    def finish(self, plaintext: bytes) -> bytes:
+    def finish(self, plaintext: list[bytes]) -> bytes:
         """The last plaintext; returns the small part, with the big part spooled."""
-        self._take(self._encryptor.update(plaintext) + self._encryptor.finalize())
+        self._take(self._encryptor.update(b"".join(plaintext)) + self._encryptor.finalize())
         if not self._cut_known:
             blob = bytes(self._head)
             cut = small_part_size(len(blob))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +21,7 @@ from loader.resources import SpooledBlob, check_name
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-_UPLOAD_CHUNK = 256 * 1024
+_UPLOAD_CHUNK = 1024 * 1024
 # Multipart boundaries and headers, beyond the file itself.
 _FORM_OVERHEAD = 64 * 1024
 _MAX_FIELD = 4096
@@ -67,8 +69,13 @@ async def load(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         if request.transport is not None:
-            # Room for a whole piece: the next is decrypted while the socket drains.
+            # Room for a whole piece: the next is decrypted while the socket drains. A bigger
+            # kernel buffer takes a piece in fewer send() calls (capped by net.core.wmem_max).
             request.transport.set_write_buffer_limits(high=_LOAD_BUFFER)
+            sock = request.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _LOAD_BUFFER)
         # The last piece goes with write_eof(), which then waits, with no high-water mark,
         # until every byte has left: a stop right after this handler returns loses nothing.
         # (aiohttp >= 3.9 does not wait when write_eof() is given nothing.)

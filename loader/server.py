@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import inspect
 import logging
 import os
@@ -52,6 +53,9 @@ async def serve(settings: Settings, env: MutableMapping[str, str], redact: Redac
         await runner.setup()
         site = make_site(runner, sock, settings)
         await site.start()
+        # What start-up made lives as long as the process: keep it out of every collection,
+        # which would otherwise pause the loop for ~10 ms now and then (bench/ row 9b).
+        gc.freeze()
         log.info("serving on %s", where)
         notifier.ready("Serving")
         watchdog = asyncio.create_task(notifier.watchdog())
