@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN     = $(VENV)/bin
 SOURCES = loader tests bench
 
-.PHONY: run test check unit venv clean deb piuparts
+.PHONY: run test check unit venv clean deb piuparts bench
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,12 @@ deb:
 
 piuparts:
 	scripts/build-deb --piuparts
+
+# The benchmark suite: one table, bench/results.md and bench/unlock.png. Needs root (a
+# private dockerd). One part alone: make bench BENCH_ARGS="--only unlock --runs 3"
+bench: venv
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) run .mypy_cache .pytest_cache .ruff_cache build dist

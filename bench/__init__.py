@@ -1,0 +1,1 @@
+"""The benchmark suite of azaion-loader: ``python bench/run.py --help``."""

@@ -1,0 +1,1 @@
+"""The bench's parts, one module per group of rows."""
