@@ -12,13 +12,14 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from loader import __version__
 from tests.conftest import EMAIL, PASSWORD
 from tests.dockerd import ArchiveInfo, PrivateDockerd, present_images
-from tests.system.conftest import DOCKER_DIR, UPGRADE_VERSION, Booted
+from tests.system.conftest import DOCKER_DIR, REPO, UPGRADE_VERSION, Booted
 
 pytestmark = pytest.mark.system
 
@@ -77,6 +78,20 @@ def test_lintian_finds_no_error_or_warning(booted: Booted) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_piuparts_passes(booted: Booted, tmp_path: Path) -> None:
+    """What `make piuparts` runs: install, remove and purge in a clean Debian 12."""
+    result = subprocess.run(
+        [REPO / "scripts" / "build-deb", "--out", tmp_path, "--no-lintian", "--piuparts"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "PASS: All tests." in output
 
 
 def test_install_listens_without_starting_the_service(installed: Booted) -> None:
