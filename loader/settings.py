@@ -157,30 +157,22 @@ def _log_level(raw: str) -> str:
 
 def _groups(raw: str) -> tuple[int, ...]:
     """Group names or numbers, comma-separated."""
-    gids = []
-    for item in _items(raw):
-        if item.isdigit():
-            gids.append(int(item))
-            continue
-        try:
-            gids.append(grp.getgrnam(item).gr_gid)
-        except KeyError:
-            raise ValueError(f"no group named {item!r}") from None
-    return tuple(gids)
+    return _ids(raw, lambda name: grp.getgrnam(name).gr_gid, "group")
 
 
 def _uids(raw: str) -> tuple[int, ...]:
     """User names or numbers, comma-separated."""
-    uids = []
+    return _ids(raw, lambda name: pwd.getpwnam(name).pw_uid, "user")
+
+
+def _ids(raw: str, lookup: Callable[[str], int], kind: str) -> tuple[int, ...]:
+    ids = []
     for item in _items(raw):
-        if item.isdigit():
-            uids.append(int(item))
-            continue
         try:
-            uids.append(pwd.getpwnam(item).pw_uid)
+            ids.append(int(item) if item.isdigit() else lookup(item))
         except KeyError:
-            raise ValueError(f"no user named {item!r}") from None
-    return tuple(uids)
+            raise ValueError(f"no {kind} named {item!r}") from None
+    return tuple(ids)
 
 
 def _items(raw: str) -> list[str]:

@@ -76,6 +76,10 @@ def test_empty_values_mean_the_default() -> None:
         ("API_RETRIES", "1000", "whole number"),
         ("MAX_UPLOAD_BYTES", "8G", "bytes"),
         ("LOG_LEVEL", "loud", "one of"),
+        ("ALLOWED_GROUPS", "no-such-group-azl", "no group named"),
+        ("ALLOWED_GROUPS", " , ", "at least one"),
+        ("ALLOWED_UIDS", "no-such-user-azl", "no user named"),
+        ("TLS_CA_FILE", "/nonexistent/ca.pem", "cannot read it"),
     ],
 )
 def test_a_bad_value_names_its_variable(name: str, value: str, problem: str) -> None:
@@ -84,6 +88,12 @@ def test_a_bad_value_names_its_variable(name: str, value: str, problem: str) -> 
     assert caught.value.variable == name
     assert caught.value.message.startswith(f"{name}: ")
     assert problem in caught.value.message
+
+
+def test_allowed_callers_by_name_or_number() -> None:
+    settings = Settings.from_env({"ALLOWED_GROUPS": "root, 4242", "ALLOWED_UIDS": "0,1000"})
+    assert settings.allowed_groups == (0, 4242)
+    assert settings.allowed_uids == (0, 1000)
 
 
 def test_settings_are_immutable() -> None:
