@@ -72,21 +72,19 @@ def serve() -> int:
 def _tune_malloc() -> None:
     """Keep the RSS of a long-running daemon flat under big transfers (bench/soak.py).
 
-    glibc raises its mmap threshold as big blocks are freed, after which the transfer
-    buffers (256 KiB to 1 MiB) come from the heaps and their memory stays with the process;
-    every worker thread also gets an arena of its own. A fixed threshold gives such buffers
-    their own mappings, returned to the system on free, and two arenas are plenty.
+    glibc gives every thread that allocates an arena of its own, and the worker threads
+    that read, decrypt and write transfer buffers would each keep one's worth of freed
+    memory. Two arenas are plenty. (A fixed mmap threshold flattened the RSS further but
+    cost /load and /upload a fifth of their speed: bench/ rows 5 and 7.)
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: libc's, if glibc
     except (OSError, AttributeError):
         return  # not glibc
-    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
     mallopt(_M_ARENA_MAX, 2)
 
 
 # malloc.h
-_M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
