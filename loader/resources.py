@@ -170,43 +170,51 @@ class Resources:
         key = key_from_fragment(await self._api.fetch_resource_fragment())
         small = await self._api.fetch_small_part(folder, name)
 
-        entry = await asyncio.to_thread(self._cache.open, folder, name, small)
-        if entry is not None:
-            try:
-                size = await asyncio.to_thread(_cached_plaintext_size, key, small, entry)
-                return Plaintext(
-                    size, self._decrypt_entry(key, small, entry, folder, name), entry.file.close
-                )
-            except (DecryptionFailed, OSError):
-                entry.file.close()
-                log.warning(
-                    "the cached big part of %s/%s does not decrypt with the API's small part: "
-                    "stale, fetching it again",
-                    folder,
-                    name,
-                )
+        try:
+            cached = await self._from_cache(key, small, folder, name)
+        except DecryptionFailed:
+            log.warning(
+                "the cached big part of %s/%s does not decrypt with the API's small part: "
+                "stale, fetching it again",
+                folder,
+                name,
+            )
+            cached = None
+        if cached is not None:
+            return cached
         for _ in range(2):  # the fresh entry may be removed by someone before we open it
             if not await self._download(folder, name, small):
                 break  # the cache cannot be written
-            entry = await asyncio.to_thread(self._cache.open, folder, name, small)
-            if entry is None:
-                continue
             try:
-                size = await asyncio.to_thread(_cached_plaintext_size, key, small, entry)
+                cached = await self._from_cache(key, small, folder, name)
             except DecryptionFailed:
-                entry.file.close()
                 await asyncio.to_thread(self._cache.discard, folder, name)
                 raise DecryptionFailed(
                     f"{folder}/{name} does not decrypt: its parts on the API and the CDN do "
                     "not match, or the key has changed"
                 ) from None
-            return Plaintext(
-                size, self._decrypt_entry(key, small, entry, folder, name), entry.file.close
-            )
+            if cached is not None:
+                return cached
         # No cache to hold it: straight from the CDN.
         total, tail = await self._api.big_part_tail(folder, name)
         size = plaintext_size(key, len(small) + total, (small + tail)[-TAIL:])
         return Plaintext(size, _decrypt_stream(key, small, self._api, folder, name))
+
+    async def _from_cache(
+        self, key: bytes, small: bytes, folder: str, name: str
+    ) -> Plaintext | None:
+        """The cache entry's plaintext; None when there is none for this small part, and
+        DecryptionFailed when the entry cannot be used with it."""
+        entry = await asyncio.to_thread(self._cache.open, folder, name, small)
+        if entry is None:
+            return None
+        try:
+            size = await asyncio.to_thread(_cached_plaintext_size, key, small, entry)
+        except (DecryptionFailed, OSError):
+            entry.file.close()
+            raise DecryptionFailed(f"the cached big part of {folder}/{name} is unusable") from None
+        chunks = self._decrypt_entry(key, small, entry, folder, name)
+        return Plaintext(size, chunks, entry.file.close)
 
     async def _download(self, folder: str, name: str, small: bytes) -> bool:
         """The big part, fetched into the cache once however many callers want it at once;
