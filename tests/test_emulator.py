@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from tests.emulator import Emulator, EmulatorConfig, FaultRates, FaultRule, make_app
+from tests.emulator import Emulator, EmulatorConfig, FaultKind, FaultRates, FaultRule, make_app
 from tests.emulator.responses import ByteRange, RangeNotSatisfiable, parse_byte_range
 
 USER = "pilot@azaion.test"
@@ -116,6 +116,19 @@ async def read_until_error(resp: aiohttp.ClientResponse) -> bytes:
     with pytest.raises(aiohttp.ClientPayloadError):
         await drain()
     return bytes(received)
+
+
+def flipped(data: bytes, offset: int) -> bytes:
+    """``data`` with the lowest bit of byte ``offset`` flipped."""
+    altered = bytearray(data)
+    altered[offset] ^= 1
+    return bytes(altered)
+
+
+def swapped(data: bytes, start: int) -> bytes:
+    """``data`` with the 16-byte blocks at ``start`` and ``start + 16`` swapped."""
+    first, second = data[start : start + 16], data[start + 16 : start + 32]
+    return data[:start] + second + first + data[start + 32 :]
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
@@ -543,6 +556,146 @@ async def test_truncating_a_range_answer(api: Api) -> None:
         assert await read_until_error(resp) == b""
 
 
+# Bytes altered in transit
+
+OFFSET = 1_000_003  # past the first 256 KiB chunk the emulator streams
+
+
+async def test_a_flip_bit_rule_flips_one_bit_in_transit(api: Api) -> None:
+    assert await api.put_big("/cdn/f/n.big", BIG) == 201
+    api.emulator.add_rule(FaultRule("GET", "/cdn/", "flip-bit", count=None, offset=OFFSET))
+    async with api.http.get("/cdn/f/n.big") as resp:
+        assert resp.status == 200
+        assert resp.content_length == len(BIG)
+        assert await resp.read() == flipped(BIG, OFFSET)
+    header = {"Range": f"bytes={OFFSET - 3}-{OFFSET + 96}"}
+    async with api.http.get("/cdn/f/n.big", headers=header) as resp:
+        assert resp.status == 206
+        body = await resp.read()
+    assert body == flipped(BIG[OFFSET - 3 : OFFSET + 97], 3)
+    assert api.emulator.store.big_path("f", "n").read_bytes() == BIG
+
+
+NEAR_THE_END = len(BIG) - 5
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "stop"),
+    [
+        ("bytes=-32", len(BIG) - 32, len(BIG)),
+        (f"bytes={len(BIG) - 300_000}-", len(BIG) - 300_000, len(BIG)),  # a resumed download
+        (f"bytes={NEAR_THE_END}-{NEAR_THE_END}", NEAR_THE_END, NEAR_THE_END + 1),
+        ("bytes=0-999", 0, 1000),
+        (f"bytes=1000-{NEAR_THE_END - 1}", 1000, NEAR_THE_END),
+    ],
+)
+async def test_a_flip_bit_rule_shows_where_a_range_covers_it(
+    api: Api, header: str, start: int, stop: int
+) -> None:
+    assert await api.put_big("/cdn/f/n.big", BIG) == 201
+    api.emulator.add_rule(FaultRule("GET", "/cdn/", "flip-bit", offset=NEAR_THE_END))
+    async with api.http.get("/cdn/f/n.big", headers={"Range": header}) as resp:
+        assert resp.status == 206
+        assert resp.content_length == stop - start
+        body = await resp.read()
+    assert body == flipped(BIG, NEAR_THE_END)[start:stop]
+    assert (body == BIG[start:stop]) == (not start <= NEAR_THE_END < stop)
+
+
+async def test_a_flip_bit_rule_without_an_offset_flips_the_middle_byte(api: Api) -> None:
+    assert await api.put_big("/cdn/f/n.big", BIG) == 201
+    api.emulator.add_rule(FaultRule("GET", "/cdn/", "flip-bit"))
+    async with api.http.get("/cdn/f/n.big") as resp:
+        assert await resp.read() == flipped(BIG, len(BIG) // 2)
+
+
+@pytest.mark.parametrize(
+    ("size", "offset", "start"),
+    [
+        (len(BIG), OFFSET, OFFSET - OFFSET % 16),
+        (len(BIG), None, len(BIG) // 2 - len(BIG) // 2 % 16),
+        (len(BIG), len(BIG) - 1, len(BIG) - len(BIG) % 16 - 32),  # no next block
+        (40, 30, 0),
+        (32, None, 0),
+        (31, 0, None),  # not two whole blocks: nothing to swap
+    ],
+)
+async def test_a_swap_blocks_rule_swaps_two_blocks_in_transit(
+    api: Api, size: int, offset: int | None, start: int | None
+) -> None:
+    data = BIG[:size]
+    assert await api.put_big("/cdn/f/n.big", data) == 201
+    api.emulator.add_rule(FaultRule("GET", "/cdn/", "swap-blocks", offset=offset))
+    async with api.http.get("/cdn/f/n.big") as resp:
+        assert resp.status == 200
+        assert resp.content_length == size
+        body = await resp.read()
+    assert body == (data if start is None else swapped(data, start))
+    assert len(body) == size
+    assert api.emulator.store.big_path("f", "n").read_bytes() == data
+
+
+@pytest.mark.parametrize("kind", ["flip-bit", "swap-blocks"])
+async def test_a_tampering_rule_with_a_count_spares_later_gets(api: Api, kind: FaultKind) -> None:
+    assert await api.put_big("/cdn/f/n.big", BIG) == 201
+    api.emulator.add_rule(FaultRule("GET", "/cdn/", kind, count=1, offset=OFFSET))
+    async with api.http.get("/cdn/f/n.big") as resp:
+        assert await resp.read() != BIG
+    async with api.http.get("/cdn/f/n.big") as resp:
+        assert await resp.read() == BIG
+
+
+async def test_a_tampering_rule_leaves_other_answers_alone(api: Api) -> None:
+    api.emulator.add_rule(FaultRule(None, "/", "flip-bit", count=None, offset=0))
+    assert await api.token()
+    async with api.http.get("/cdn/f/none.big") as resp:
+        assert resp.status == 404
+        assert "detail" in await resp.json()
+
+
+async def test_a_flip_bit_rule_can_be_added_over_http(api: Api) -> None:
+    assert await api.put_big("/cdn/f/n.big", b"0123456789") == 201
+    rule = {"method": "GET", "path_prefix": "/cdn/", "kind": "flip-bit", "offset": 3}
+    async with api.http.post("/_emulator/faults", json={"rules": [rule]}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["rules"] == [
+            {**rule, "status": 503, "count": 1, "delay": 0.0, "truncate_at": None, "remaining": 1}
+        ]
+    async with api.http.get("/cdn/f/n.big") as resp:
+        assert await resp.read() == b"0122456789"
+
+
+# A 422 that quotes the request
+
+
+async def test_an_echo_rule_quotes_the_submitted_json(api: Api) -> None:
+    api.emulator.add_rule(FaultRule("POST", "/login", "echo"))
+    body = {"email": "a@b", "password": "hunter2-secret"}
+    async with api.http.post("/login", json=body) as resp:
+        assert resp.status == 422
+        assert resp.content_type == "application/json"
+        answer = await resp.json()
+    assert answer == {
+        "detail": [
+            {
+                "type": "value_error",
+                "loc": ["body"],
+                "msg": "Value error, rejected by the emulator",
+                "input": body,
+            }
+        ]
+    }
+    assert answer["detail"][0]["input"]["password"] == "hunter2-secret"
+    assert await api.token()  # the rule is spent
+
+
+async def test_an_echo_rule_quotes_a_body_that_is_not_json(api: Api) -> None:
+    api.emulator.add_rule(FaultRule("POST", "/login", "echo"))
+    async with api.http.post("/login", data=b"password=hunter2-secret") as resp:
+        assert resp.status == 422
+        assert (await resp.json())["detail"][0]["input"] == "password=hunter2-secret"
+
+
 # Random faults
 
 
@@ -622,6 +775,8 @@ async def test_rules_can_be_added_over_http(api: Api) -> None:
         {"rules": [{"path_prefix": "/", "kind": "explode"}]},
         {"rules": [{"path_prefix": "/", "kind": "drop", "colour": "red"}]},
         {"rules": [{"path_prefix": "/", "kind": "drop", "count": 0}]},
+        {"rules": [{"path_prefix": "/", "kind": "flip-bit", "offset": -1}]},
+        {"rules": [{"path_prefix": "/", "kind": "swap-blocks", "offset": True}]},
         {"rules": [{"kind": "drop"}]},
         {"rules": {"kind": "drop"}},
         {"error_rate": 0.6, "drop_rate": 0.6},
@@ -828,6 +983,7 @@ async def test_the_command_line_serves_until_sigterm(tmp_path: Path) -> None:
         ["--error-rate", "2"],
         ["--token-ttl", "-1"],
         ["--fault", '{"kind": "drop"}'],
+        ["--fault", '{"path_prefix": "/cdn/", "kind": "flip-bit", "offset": -1}'],
         ["--archive-fragment-hex", "00", "--archive-fragment-file", "/dev/null"],
     ],
 )

@@ -9,7 +9,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-FaultKind = Literal["status", "drop", "truncate", "delay", "ignore-range", "wrong-length"]
+FaultKind = Literal[
+    "status",
+    "drop",
+    "truncate",
+    "delay",
+    "ignore-range",
+    "wrong-length",
+    "flip-bit",
+    "swap-blocks",
+    "echo",
+]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 
@@ -39,6 +49,19 @@ class FaultRule:
     ``count`` is how many requests it spoils (None: all of them). ``delay`` is added
     before the answer whatever the kind. An ``ignore-range`` rule only matches
     requests that carry a ``Range`` header, so that it is not spent on others.
+
+    ``flip-bit`` and ``swap-blocks`` alter a CDN file in transit, as a hostile or
+    damaged CDN would, and leave the stored file and the length as they are.
+    ``flip-bit`` flips the lowest bit of the byte at absolute file offset ``offset``;
+    ``swap-blocks`` swaps the 16-byte block holding ``offset`` with the next one, or
+    the file's last two whole blocks when there is no next one. ``offset`` None means
+    the middle of the file. Both touch only bytes a response sends, so a ``Range`` that
+    misses the spot comes back clean; they do nothing to answers other than a CDN
+    file's (a 404 still counts as a spoiled request), nor past the end of the file.
+
+    ``echo`` answers 422 without calling the handler, the way FastAPI refuses a body
+    that fails validation: it echoes the body (its JSON, else its text) in
+    ``detail[0].input``, password included. ``status`` is ignored.
     """
 
     method: str | None
@@ -48,6 +71,7 @@ class FaultRule:
     count: int | None = 1
     delay: float = 0.0
     truncate_at: int | None = None
+    offset: int | None = None
 
     def __post_init__(self) -> None:
         if self.method is not None and not (isinstance(self.method, str) and self.method):
@@ -62,6 +86,8 @@ class FaultRule:
         _check_number("delay", self.delay)
         if self.truncate_at is not None:
             _check_int("truncate_at", self.truncate_at, lower=0)
+        if self.offset is not None:
+            _check_int("offset", self.offset, lower=0)
 
     def matches(self, method: str, path: str, *, has_range: bool) -> bool:
         if self.method is not None and self.method.upper() != method.upper():
@@ -118,6 +144,7 @@ class Fault:
     delay: float = 0.0
     status: int = 503
     truncate_at: int | None = None
+    offset: int | None = None
 
 
 @dataclass
@@ -169,7 +196,8 @@ class FaultInjector:
                 if armed.remaining == 0:
                     self._armed.remove(armed)
             kind = None if rule.kind == "delay" else rule.kind
-            return Fault(kind, rule.delay + rates.delay, rule.status, rule.truncate_at)
+            delay = rule.delay + rates.delay
+            return Fault(kind, delay, rule.status, rule.truncate_at, rule.offset)
         roll = self._random.random()
         if roll < rates.error_rate:
             return Fault("status", rates.delay)

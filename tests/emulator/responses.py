@@ -1,5 +1,5 @@
 """Responses that can be spoiled on purpose: a body cut short, a lying Content-Length,
-a connection closed instead of an answer."""
+a connection closed instead of an answer, file bytes altered in transit."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 Spoilage = Literal["truncate", "wrong-length"]
+Tampering = Literal["flip-bit", "swap-blocks"]
 OnSent = Callable[[int, bool], None]
 Reader = Callable[[int], Awaitable[bytes]]
 
 _BYTE_RANGE = re.compile(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.IGNORECASE)
 _CHUNK = 1 << 18
+_BLOCK = 16  # what swap-blocks swaps: an AES block
 JSON = "application/json"
 OCTETS = "application/octet-stream"
 
@@ -27,6 +29,23 @@ OCTETS = "application/octet-stream"
 class ByteRange(NamedTuple):
     start: int
     stop: int  # exclusive
+
+
+class Patch(NamedTuple):
+    """Bytes sent in place of the file's own from absolute offset ``start`` on."""
+
+    start: int
+    data: bytes
+
+    def apply(self, chunk: bytes, position: int) -> bytes:
+        """``chunk``, which holds the file's bytes from ``position`` on, with the patch."""
+        low = max(self.start, position)
+        high = min(self.start + len(self.data), position + len(chunk))
+        if low >= high:
+            return chunk
+        patched = bytearray(chunk)
+        patched[low - position : high - position] = self.data[low - self.start : high - self.start]
+        return bytes(patched)
 
 
 class RangeNotSatisfiable(ValueError):
@@ -172,6 +191,14 @@ class FilePartResponse(EmulatedResponse):
         super().__init__(headers={"Accept-Ranges": "bytes"})
         self._path = path
         self._on_sent = on_sent
+        self._tampering: tuple[Tampering, int | None] | None = None
+
+    def tamper(self, tampering: Tampering, offset: int | None) -> None:
+        """Alter the bytes sent around file offset ``offset`` (None: the middle).
+
+        The patch is worked out only in prepare(), once the file's size is known.
+        """
+        self._tampering = (tampering, offset)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
@@ -194,21 +221,32 @@ class FilePartResponse(EmulatedResponse):
                 self.set_status(206)
                 last = byte_range.stop - 1
                 self.headers["Content-Range"] = f"bytes {byte_range.start}-{last}/{size}"
-            writer = await self._stream(request, file, byte_range)
+            patch = None
+            if self._tampering is not None:
+                patch = await loop.run_in_executor(None, _patch, file, size, *self._tampering)
+            writer = await self._stream(request, file, byte_range, patch)
         finally:
             file.close()
         self._finish(request)
         return writer
 
     async def _stream(
-        self, request: web.BaseRequest, file: BinaryIO, byte_range: ByteRange
+        self, request: web.BaseRequest, file: BinaryIO, byte_range: ByteRange, patch: Patch | None
     ) -> AbstractStreamWriter | None:
         loop = asyncio.get_running_loop()
         if byte_range.start:
             await loop.run_in_executor(None, file.seek, byte_range.start)
 
+        position = byte_range.start
+
         async def read(count: int) -> bytes:
-            return await loop.run_in_executor(None, file.read, count)
+            nonlocal position
+            chunk = await loop.run_in_executor(None, file.read, count)
+            if patch is not None:
+                # Absolute positions: a Range, suffix or resumed, shows what a full GET would.
+                chunk = patch.apply(chunk, position)
+            position += len(chunk)
+            return chunk
 
         length = byte_range.stop - byte_range.start
         complete = False
@@ -239,6 +277,25 @@ def _memory_reader(data: bytes) -> Reader:
         return chunk
 
     return read
+
+
+def _patch(file: BinaryIO, size: int, tampering: Tampering, offset: int | None) -> Patch | None:
+    """What ``tampering`` sends instead of the file's own bytes; None where it cannot.
+
+    Reads with pread, which leaves the file position to the streaming.
+    """
+    spot = size // 2 if offset is None else offset
+    if tampering == "flip-bit":
+        if spot >= size:
+            return None
+        return Patch(spot, bytes([os.pread(file.fileno(), 1, spot)[0] ^ 1]))
+    start = spot - spot % _BLOCK
+    if start + 2 * _BLOCK > size:  # no next block: the last two whole ones
+        start = size - size % _BLOCK - 2 * _BLOCK
+    if start < 0:
+        return None
+    blocks = os.pread(file.fileno(), 2 * _BLOCK, start)
+    return Patch(start, blocks[_BLOCK:] + blocks[:_BLOCK])
 
 
 def _open_with_size(path: Path) -> tuple[BinaryIO, int]:

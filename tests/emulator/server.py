@@ -121,12 +121,16 @@ class _Routes:
             return BytesResponse.json({"detail": "fault injected"}, status=fault.status)
         if fault.kind == "drop":
             return HangUp()
+        if fault.kind == "echo":
+            return await _echo(request)
         response = await self._answer(request, handler)
         if isinstance(response, EmulatedResponse):
             if fault.kind == "ignore-range":
                 response.honour_range = False
             elif fault.kind in ("truncate", "wrong-length"):
                 response.spoil(fault.kind, fault.truncate_at)
+        if isinstance(response, FilePartResponse) and fault.kind in ("flip-bit", "swap-blocks"):
+            response.tamper(fault.kind, fault.offset)
         return response
 
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -254,6 +258,29 @@ class _Routes:
     async def reset_stats(self, request: web.Request) -> web.StreamResponse:
         self._emulator.reset_stats()
         return BytesResponse.json(self._emulator.stats())
+
+
+async def _echo(request: web.BaseRequest) -> web.StreamResponse:
+    """FastAPI's 422 for a body that fails validation, which quotes the body back.
+
+    A client that shows such an answer shows what it sent: a login's password.
+    """
+    try:
+        raw = await request.read()
+    except (ConnectionError, HttpProcessingError):
+        return HangUp()
+    submitted: object
+    try:
+        submitted = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        submitted = raw.decode("utf-8", "replace")
+    error = {
+        "type": "value_error",
+        "loc": ["body"],
+        "msg": "Value error, rejected by the emulator",
+        "input": submitted,
+    }
+    return BytesResponse.json({"detail": [error]}, status=422)
 
 
 async def _discard_body(request: web.BaseRequest) -> None:
