@@ -95,17 +95,19 @@ async def _resource_api(app: web.Application) -> AsyncIterator[None]:
         api = ResourceAPI(session, settings, app[REDACT])
         app[API] = api
         cache = ModelCache(settings.model_cache_dir)
-        app[RESOURCES] = Resources(settings, api, cache)
-        # Debris of a crash is only ever a hidden temporary file: no need to wait for it.
-        cleanup = asyncio.ensure_future(asyncio.to_thread(cache.remove_debris))
+        # Before the socket is served: later, a request's live spool could look like debris.
+        await asyncio.to_thread(cache.remove_debris)
+        resources = Resources(settings, api, cache)
+        app[RESOURCES] = resources
         yield
-        await cleanup
+        # Downloads nobody waits for any more must end before the session closes under them.
+        await resources.close()
 
 
 async def _docker(app: web.Application) -> AsyncIterator[None]:
     docker = Docker(app[SETTINGS].docker_host)
     app[DOCKER] = docker
-    app[UNLOCKER] = Unlocker(app[SETTINGS], app[API], docker, app[NOTIFIER])
+    app[UNLOCKER] = Unlocker(app[SETTINGS], app[API], docker, app[NOTIFIER], app[REDACT])
     yield
     await asyncio.to_thread(docker.close)
 

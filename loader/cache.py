@@ -1,10 +1,12 @@
 """The model cache: big parts at MODEL_CACHE_DIR/FOLDER/NAME.big, written atomically.
 
-A cache file appears whole or not at all: it is written under a temporary name in the
-same folder, fsynced, and renamed. Each entry carries, in extended attributes, the SHA-256
-of the small part it belongs to, so that a big part left over from an older upload of the
-same name is known as stale even though CBC would decrypt it without complaint, and its
-own SHA-256, so that damage on disk is caught.
+Each file is the big part followed by a trailer: the SHA-256 of the small part it was
+joined with, the SHA-256 of the whole blob (`small || big`) and the big part's size. So a
+big part left over from an older upload of the same name is known as stale (CBC would
+decrypt it without complaint), and damage on disk is caught, on any filesystem (vfat and
+ramfs keep no extended attributes) and after any copy: what the checks need travels inside
+the file. A file without a sound trailer is never trusted. A file appears whole or not at
+all: it is written under a temporary name in the same folder, fsynced, and renamed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import logging
 import os
 import secrets
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +28,17 @@ from loader.errors import InsufficientStorage, LoaderError
 log = logging.getLogger(__name__)
 
 _PARTIAL = ".part"
-_SMALL_DIGEST_ATTR = "user.azaion.small-sha256"
-# The entry's own digest: a bit flipped on disk is caught before the stream's last block.
-_BIG_DIGEST_ATTR = "user.azaion.big-sha256"
+# magic, SHA-256 of the small part, SHA-256 of small || big, the big part's size.
+_TRAILER = struct.Struct(">8s32s32sQ")
+_MAGIC = b"azlcach1"
 
 
-def small_digest(small: bytes) -> bytes:
-    return hashlib.sha256(small).digest()
+@dataclass(frozen=True)
+class EntryDigests:
+    """What a cache entry was joined with: the small part's SHA-256 and the blob's."""
+
+    small: bytes
+    blob: bytes
 
 
 class ModelCache:
@@ -55,8 +62,9 @@ class ModelCache:
             log.info("removed %d partial cache files left by an earlier run", removed)
         return removed
 
-    def open(self, folder: str, name: str, small: bytes) -> CacheEntry | None:
-        """The entry, open for reading, if it is there and belongs to this small part.
+    def open(self, folder: str, name: str) -> CacheEntry | None:
+        """The entry, open for reading, with what its trailer recorded; None when there is
+        none, or when its trailer is missing or unsound (then it cannot be trusted).
 
         One open file serves the checks and the stream: an entry removed meanwhile by
         someone else cannot vanish halfway.
@@ -65,13 +73,21 @@ class ModelCache:
             file = open(self.path(folder, name), "rb")  # noqa: SIM115 - the entry owns it
         except OSError:
             return None
-        fd = file.fileno()
-        recorded = _attribute(fd, _SMALL_DIGEST_ATTR)
-        if recorded is not None and recorded != small_digest(small):
-            file.close()
-            log.info("cached %s/%s.big belongs to an older upload: fetching it again", folder, name)
-            return None
-        return CacheEntry(file, os.fstat(fd).st_size, _attribute(fd, _BIG_DIGEST_ATTR))
+        try:
+            size = os.fstat(file.fileno()).st_size - _TRAILER.size
+            if size > 0:
+                file.seek(size)
+                magic, small, blob, recorded_size = _TRAILER.unpack(file.read(_TRAILER.size))
+                if magic == _MAGIC and recorded_size == size:
+                    file.seek(0)
+                    return CacheEntry(file, size, EntryDigests(small, blob))
+        except (OSError, struct.error):
+            pass
+        file.close()
+        log.info(
+            "cached %s/%s.big has no sound record of its origin: fetching it again", folder, name
+        )
+        return None
 
     def begin(self) -> CacheWrite:
         """A new file under a temporary name in the cache; OSError when the cache is unusable."""
@@ -80,15 +96,15 @@ class ModelCache:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         return CacheWrite(partial, os.fdopen(fd, "wb"))
 
-    def commit(self, write: CacheWrite, folder: str, name: str, small: bytes) -> Path:
-        """Make `write` the entry of FOLDER/NAME, tied to its small part."""
+    def commit(self, write: CacheWrite, folder: str, name: str) -> Path:
+        """Make `write` the entry of FOLDER/NAME, with its trailer."""
         final = self.path(folder, name)
         try:
             final.parent.mkdir(mode=0o750, exist_ok=True)
         except OSError as exc:
             write.abort()
             raise _storage_error(exc, final) from None
-        write.commit(final, small)
+        write.commit(final)
         return final
 
     def discard(self, folder: str, name: str) -> None:
@@ -98,28 +114,34 @@ class ModelCache:
 
 @dataclass
 class CacheEntry:
-    """A cache entry open for reading; `digest` is None where attributes are not kept."""
+    """A cache entry open for reading: `size` bytes of big part, then the trailer."""
 
     file: BinaryIO
     size: int
-    digest: bytes | None
-
-
-def _attribute(fd: int, name: str) -> bytes | None:
-    try:
-        return os.getxattr(fd, name)
-    except OSError:
-        return None  # not set, or no attribute support here
+    digests: EntryDigests
 
 
 class CacheWrite:
-    """A file being written: `commit` renames it into place whole, `abort` leaves nothing."""
+    """A big part being written: `commit` renames it into place whole, `abort` leaves nothing.
+
+    `join(small)` comes first: the entry records the small part, and `blob_digest` is
+    that of `small || big` as far as written.
+    """
 
     def __init__(self, partial: Path, file: BinaryIO) -> None:
         self.partial = partial
         self.file = file
         self.size = 0
-        self.digest = hashlib.sha256()
+        self.small_digest: bytes | None = None
+        self._blob = hashlib.sha256()
+
+    def join(self, small: bytes) -> None:
+        self.small_digest = hashlib.sha256(small).digest()
+        self._blob.update(small)
+
+    @property
+    def blob_digest(self) -> bytes:
+        return self._blob.digest()
 
     def write(self, data: bytes) -> None:
         try:
@@ -128,7 +150,7 @@ class CacheWrite:
             self.abort()
             raise _storage_error(exc, self.partial) from None
         self.size += len(data)
-        self.digest.update(data)
+        self._blob.update(data)
 
     def flush(self) -> None:
         try:
@@ -145,12 +167,15 @@ class CacheWrite:
         except OSError as exc:
             raise _storage_error(exc, self.partial) from None
 
-    def commit(self, final: Path, small: bytes) -> None:
+    def commit(self, final: Path) -> None:
+        if self.small_digest is None:
+            self.abort()
+            raise AssertionError("a cache entry is committed before join(small)")
+        trailer = _TRAILER.pack(_MAGIC, self.small_digest, self.blob_digest, self.size)
         try:
+            # The trailer is written like the data: if it cannot be, nothing is committed.
+            self.file.write(trailer)
             self.file.flush()
-            with contextlib.suppress(OSError):
-                os.setxattr(self.file.fileno(), _SMALL_DIGEST_ATTR, small_digest(small))
-                os.setxattr(self.file.fileno(), _BIG_DIGEST_ATTR, self.digest.digest())
             os.fsync(self.file.fileno())
             self.file.close()
             os.replace(self.partial, final)

@@ -17,6 +17,8 @@
     ├── PayloadTooLarge            413 payload-too-large
     ├── InsufficientStorage        507 insufficient-storage
     ├── DecryptionFailed           502 decryption-failed
+    ├── IntegrityFailed            502 integrity-failed     (not the blob the API vouches for)
+    ├── IntegrityMissing           502 integrity-missing    (no record, and REQUIRE_INTEGRITY=1)
     ├── RemoteRefused              502 remote-refused       (the remote answered, and said no)
     ├── RemoteUntrusted            502 remote-untrusted     (its TLS certificate fails to verify)
     ├── RemoteUnavailable          503 remote-unavailable   (the remote could not be reached)
@@ -121,6 +123,16 @@ class InsufficientStorage(LoaderError):
 class DecryptionFailed(LoaderError):
     status = 502
     code = "decryption-failed"
+
+
+class IntegrityFailed(LoaderError):
+    status = 502
+    code = "integrity-failed"
+
+
+class IntegrityMissing(LoaderError):
+    status = 502
+    code = "integrity-missing"
 
 
 class RemoteRefused(LoaderError):

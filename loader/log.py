@@ -21,28 +21,49 @@ _MIN_SECRET_LENGTH = 4
 
 
 class Redactor:
-    """Remembers every secret the process has seen and blanks them out of text."""
+    """Blanks out of text the secrets the process has seen lately.
 
-    def __init__(self) -> None:
-        self._secrets: set[str] = set()
+    It keeps the `limit` secrets seen most recently (a token, a fragment or a password is
+    seen again each time it is used): an old token is dead and no longer said anywhere, and
+    a daemon that runs for months must not grow a list of them.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self._limit = limit
+        self._seen: dict[str | bytes, None] = {}  # in the order last seen
+        self._forms: tuple[str, ...] = ()  # longest first
         self._lock = threading.Lock()
 
     def add(self, secret: str | bytes) -> None:
-        forms = (
-            {secret.hex(), secret.decode("utf-8", "replace"), repr(secret)}
-            if isinstance(secret, bytes)
-            else {secret, repr(secret)}
-        )
         with self._lock:
-            self._secrets.update(f for f in forms if len(f) >= _MIN_SECRET_LENGTH)
+            if secret in self._seen:
+                del self._seen[secret]
+                self._seen[secret] = None
+                return
+            self._seen[secret] = None
+            while len(self._seen) > self._limit:
+                del self._seen[next(iter(self._seen))]
+            forms = {form for seen in self._seen for form in _forms(seen)}
+            self._forms = tuple(sorted(forms, key=len, reverse=True))
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def __call__(self, text: str) -> str:
-        with self._lock:
-            secrets = sorted(self._secrets, key=len, reverse=True)
-        for secret in secrets:
+        for secret in self._forms:
             if secret in text:
                 text = text.replace(secret, _REDACTED)
         return text
+
+
+def _forms(secret: str | bytes) -> set[str]:
+    """How a secret shows in text; shorter forms would blank out ordinary words."""
+    forms = (
+        {secret.hex(), secret.decode("utf-8", "replace"), repr(secret)}
+        if isinstance(secret, bytes)
+        else {secret, repr(secret)}
+    )
+    return {form for form in forms if len(form) >= _MIN_SECRET_LENGTH}
 
 
 class JournalFormatter(logging.Formatter):

@@ -7,6 +7,12 @@ from typing import Any
 from loader import __version__
 
 _NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"}
+# Room for the record's name, NAME.integrity, which no resource may take.
+_RESOURCE_NAME = {
+    "type": "string",
+    "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,244}$",
+    "description": "A resource's name; it may not end in '.integrity'",
+}
 _CREDENTIALS = {
     "type": "object",
     "required": ["email", "password"],
@@ -45,7 +51,12 @@ def _ok() -> dict[str, Any]:
     )
 
 
-_FILENAME_PARAM = {"name": "filename", "in": "path", "required": True, "schema": _NAME}
+_FILENAME_PARAM = {
+    "name": "filename",
+    "in": "path",
+    "required": True,
+    "schema": _RESOURCE_NAME,
+}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -111,7 +122,7 @@ def openapi_document() -> dict[str, Any]:
                         {
                             "type": "object",
                             "required": ["filename", "folder"],
-                            "properties": {"filename": _NAME, "folder": _NAME},
+                            "properties": {"filename": _RESOURCE_NAME, "folder": _NAME},
                         }
                     ),
                     "responses": {
@@ -129,7 +140,9 @@ def openapi_document() -> dict[str, Any]:
                         "413": _error("Body too large"),
                         "422": _error("Body does not validate"),
                         "502": _error(
-                            "The remote answered with an error, or the resource does not decrypt"
+                            "The remote answered with an error, the resource does not decrypt, "
+                            "or it is not the blob the API's integrity record vouches for "
+                            "(integrity-failed, integrity-missing)"
                         ),
                         "503": _error("The remote could not be reached"),
                         "507": _error("No space left for the cache"),

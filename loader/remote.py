@@ -28,6 +28,7 @@ from loader.errors import (
     RemoteUntrusted,
     WrongCredentials,
 )
+from loader.integrity import RECORD_SUFFIX
 from loader.log import Redactor
 from loader.settings import Settings
 
@@ -83,9 +84,6 @@ class ResourceAPI:
         async with self._login_lock:
             self._token = await self._fetch_token(credentials)
             self._credentials = credentials
-        # Only a password that works is a secret worth blanking out: blanking every one tried
-        # would let any caller blank any word out of the log. None of them is ever logged.
-        self._redact.add(password)
         log.info("logged in to the Resource API as %s", email)
 
     async def fetch_archive_fragment(self) -> bytes:
@@ -105,12 +103,31 @@ class ResourceAPI:
             json={"fileName": f"{name}.small"},
         )
 
-    async def upload_small_part(self, folder: str, name: str, part: bytes) -> None:
+    async def fetch_integrity_record(self, folder: str, name: str) -> bytes | None:
+        """The small part of `NAME.integrity`; None when the API has none."""
+        try:
+            return await self.call(
+                "POST",
+                f"/resources/get/{folder}",
+                what=f"the integrity record of {folder}/{name}",
+                json={"fileName": f"{name}{RECORD_SUFFIX}.small"},
+            )
+        except RemoteNotFound:
+            return None
+
+    async def upload_integrity_record(self, folder: str, name: str, record: bytes) -> None:
+        await self.upload_small_part(
+            folder, name + RECORD_SUFFIX, record, what=f"the integrity record of {folder}/{name}"
+        )
+
+    async def upload_small_part(
+        self, folder: str, name: str, part: bytes, what: str | None = None
+    ) -> None:
         body, content_type = _multipart_file("data", f"{name}.small", part)
         await self.call(
             "POST",
             f"/resources/{folder}",
-            what=f"the upload of the small part of {folder}/{name}",
+            what=f"the upload of {what or f'the small part of {folder}/{name}'}",
             idempotent=False,
             statuses=(200, 201),
             data=body,
@@ -131,7 +148,7 @@ class ResourceAPI:
             headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
         )
         if status not in (200, 201, 204):
-            raise _refusal(status, answer, "the CDN", what)
+            raise self._refusal(status, answer, "the CDN", what)
 
     async def big_part_tail(self, folder: str, name: str) -> tuple[int, bytes]:
         """The big part's size and its last 32 bytes (fewer when it is shorter), by a Range GET."""
@@ -224,7 +241,7 @@ class ResourceAPI:
         ) as resp:
             if resp.status not in (200, 206):
                 body = await resp.content.read(_MAX_ERROR_BODY)
-                refusal = _refusal(resp.status, body, "the CDN", what)
+                refusal = self._refusal(resp.status, body, "the CDN", what)
                 raise _CdnFailing(refusal) if resp.status >= 500 else refusal
             yield resp
 
@@ -254,7 +271,7 @@ class ResourceAPI:
             method, url, what=what, idempotent=idempotent, **kwargs
         )
         if status not in statuses:
-            raise _refusal(status, body, self._where(url), what)
+            raise self._refusal(status, body, self._where(url), what)
         return body
 
     async def _authorized(
@@ -303,7 +320,9 @@ class ResourceAPI:
         if status in (401, 403):
             raise WrongCredentials("wrong email or password")
         if status != 200:
-            raise _refusal(status, answer, "the Resource API", "login")
+            # Never quoted: a validation error may echo the password it refused (FastAPI's 422
+            # does), and a refused password is not among the redactor's secrets.
+            raise _refusal(status, "", "the Resource API", "login")
         try:
             token = json.loads(answer).get("token")
         except (ValueError, AttributeError):
@@ -311,7 +330,16 @@ class ResourceAPI:
         if not isinstance(token, str) or not token:
             raise RemoteRefused("the Resource API's login answer has no token")
         self._redact.add(token)
+        # Only a password that works is a secret worth blanking out: blanking every one tried
+        # would let any caller blank any word out of the log. None of them is ever logged.
+        self._redact.add(credentials.password)
         return token
+
+    def _refusal(self, status: int, body: bytes, where: str, what: str) -> LoaderError:
+        """`_refusal`, quoting the remote's answer through the redactor."""
+        detail = body[:_MAX_ERROR_BODY].decode("utf-8", "replace").strip()
+        # Redacted whole, then cut: a cut could leave part of a secret the redactor would miss.
+        return _refusal(status, self._redact(detail)[:200], where, what)
 
     def _where(self, url: str) -> str:
         return "the CDN" if url.startswith(self._settings.cdn_url + "/") else "the Resource API"
@@ -428,14 +456,14 @@ def _untrusted(where: str, exc: aiohttp.ClientSSLError) -> RemoteUntrusted:
     )
 
 
-def _refusal(status: int, body: bytes, where: str, what: str) -> LoaderError:
-    """The error for an answer that is not what the contract promises."""
+def _refusal(status: int, detail: str, where: str, what: str) -> LoaderError:
+    """The error for an answer that is not what the contract promises; a 4xx quotes
+    `detail`, which must be redacted already."""
     if status == 404:
         return RemoteNotFound(f"{where} has no {what.removeprefix('the ')} (HTTP 404)")
     if status >= 500:
         return RemoteRefused(f"{where} failed for {what}: HTTP {status}")
-    detail = body[:_MAX_ERROR_BODY].decode("utf-8", "replace").strip()
-    suffix = f": {detail[:200]}" if detail else ""
+    suffix = f": {detail}" if detail else ""
     return RemoteRefused(f"{where} refused {what}: HTTP {status}{suffix}")
 
 

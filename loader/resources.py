@@ -1,9 +1,11 @@
 """Resources (AI models): the big/small split of resource-api.md, both ways, and the cache.
 
 Upload: encrypt with a fresh IV while reading the caller's body, spool the ciphertext
-(never the plaintext), send the big part to the CDN and then the small part to the API,
-and keep the big part in the cache. Load: small part from the API, big part from the
-cache or the CDN, decrypt `small || big` while streaming it to the caller.
+(never the plaintext), send the big part to the CDN, then the small part and the integrity
+record to the API, and keep the big part in the cache. Load: small part and integrity
+record from the API, big part from the cache or the CDN, checked against the record before
+the caller has the last byte and before it is cached; decrypt `small || big` while
+streaming it to the caller.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
-from loader.cache import CacheEntry, CacheWrite, ModelCache, spool_elsewhere
+from loader.cache import CacheEntry, CacheWrite, EntryDigests, ModelCache, spool_elsewhere
 from loader.crypto import (
     SMALL_PART_MAX,
     Decryptor,
@@ -27,11 +29,14 @@ from loader.crypto import (
 )
 from loader.errors import (
     DecryptionFailed,
+    IntegrityFailed,
+    IntegrityMissing,
     InvalidName,
     LoaderError,
     NotAuthenticated,
     PayloadTooLarge,
 )
+from loader.integrity import RECORD_SUFFIX, IntegrityRecord
 from loader.remote import TAIL, ResourceAPI
 from loader.settings import Settings
 
@@ -39,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # resource-api.md, "Names".
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+# The record's name, NAME.integrity, must obey the same rule.
+_MAX_RESOURCE_NAME = 255 - len(RECORD_SUFFIX)
 # Blobs at least this long are cut at exactly SMALL_PART_MAX (0.3 * 10240 = 3072).
 _FULL_CUT_FROM = SMALL_PART_MAX * 10 // 3
 # Reads and writes of big parts go to a worker thread in pieces of this size.
@@ -59,6 +66,23 @@ def check_name(kind: str, value: str) -> str:
     )
 
 
+def check_resource_name(value: str) -> str:
+    """`value` if it may name a user's resource: a valid name that leaves room for, and is
+    not, the name of an integrity record."""
+    name = check_name("resource name", value)
+    if name.endswith(RECORD_SUFFIX):
+        raise InvalidName(
+            f"invalid resource name {name[:64]!r}: names ending in '{RECORD_SUFFIX}' are kept "
+            "for the API's integrity records"
+        )
+    if len(name) > _MAX_RESOURCE_NAME:
+        raise InvalidName(
+            f"invalid resource name {name[:64] + '...'!r}: use at most {_MAX_RESOURCE_NAME} "
+            f"characters, so that its integrity record's name (NAME{RECORD_SUFFIX}) fits too"
+        )
+    return name
+
+
 @dataclass
 class Plaintext:
     """A decrypted resource on its way to the caller: its exact size, then its bytes."""
@@ -76,6 +100,50 @@ class SpooledBlob:
     small: bytes
     big: CacheWrite
     plaintext_size: int
+
+    @property
+    def record(self) -> IntegrityRecord:
+        return IntegrityRecord(self.big.blob_digest, len(self.small) + self.big.size)
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """What a load knows of the blob before its big part: the fresh small part and the
+    API's integrity record (None for a resource uploaded before records existed)."""
+
+    folder: str
+    name: str
+    small: bytes
+    record: IntegrityRecord | None
+
+    @property
+    def big_size(self) -> int | None:
+        return None if self.record is None else self.record.size - len(self.small)
+
+    def matches(self, digests: EntryDigests, big_size: int) -> bool:
+        """Whether a cache entry is this blob's big part, by what it recorded."""
+        if digests.small != hashlib.sha256(self.small).digest():
+            return False
+        if self.record is None:
+            return True
+        return digests.blob == self.record.sha256 and big_size == self.big_size
+
+    def check_size(self, big_size: int) -> None:
+        if self.big_size is not None and big_size != self.big_size:
+            raise self.mismatch()
+
+    def check(self, blob_digest: bytes, big_size: int) -> None:
+        """IntegrityFailed unless `small || big` is the blob the record vouches for."""
+        self.check_size(big_size)
+        if self.record is not None and blob_digest != self.record.sha256:
+            raise self.mismatch()
+
+    def mismatch(self) -> IntegrityFailed:
+        return IntegrityFailed(
+            f"the big part of {self.folder}/{self.name} from the CDN does not match the API's "
+            "integrity record: it was altered or damaged on its way, or an upload of it did "
+            "not finish; not served, not cached"
+        )
 
 
 class Resources:
@@ -139,19 +207,21 @@ class Resources:
 
     async def publish(self, folder: str, name: str, blob: SpooledBlob) -> None:
         """Big part to the CDN, then the small part to the API (the small part makes it
-        loadable), then the big part into the cache."""
+        loadable), then the integrity record (resource-api.md: after both parts, so that a
+        half-done upload leaves a record that fails loudly), then the big part into the cache."""
         # The spool reaches the disk while the parts travel: the commit's fsync is then quick.
         syncing = asyncio.ensure_future(asyncio.to_thread(blob.big.sync))
         try:
             await self._api.put_big_part(folder, name, blob.big.partial, blob.big.size)
             await self._api.upload_small_part(folder, name, blob.small)
+            await self._api.upload_integrity_record(folder, name, blob.record.to_json())
         finally:
             with contextlib.suppress(Exception):
                 await syncing
         log.info("uploaded %s/%s (%d bytes)", folder, name, blob.plaintext_size)
         if blob.big.partial.parent == self._cache.root:
             try:
-                await asyncio.to_thread(self._cache.commit, blob.big, folder, name, blob.small)
+                await asyncio.to_thread(self._cache.commit, blob.big, folder, name)
             except LoaderError as exc:
                 log.warning("uploaded %s/%s, but could not cache it: %s", folder, name, exc.message)
 
@@ -168,81 +238,124 @@ class Resources:
         """The decrypted resource, its size known before the first byte."""
         self.require_login()
         key = key_from_fragment(await self._api.fetch_resource_fragment())
-        small = await self._api.fetch_small_part(folder, name)
-
-        try:
-            cached = await self._from_cache(key, small, folder, name)
-        except DecryptionFailed:
-            log.warning(
-                "the cached big part of %s/%s does not decrypt with the API's small part: "
-                "stale, fetching it again",
-                folder,
-                name,
-            )
-            cached = None
+        wanted = await self._wanted(folder, name)
+        cached = await self._from_cache(key, wanted, fresh=False)
         if cached is not None:
             return cached
         for _ in range(2):  # the fresh entry may be removed by someone before we open it
-            if not await self._download(folder, name, small):
+            if not await self._download(wanted):
                 break  # the cache cannot be written
-            try:
-                cached = await self._from_cache(key, small, folder, name)
-            except DecryptionFailed:
-                await asyncio.to_thread(self._cache.discard, folder, name)
+            cached = await self._from_cache(key, wanted, fresh=True)
+            if cached is not None:
+                return cached
+        # No cache to hold it: straight from the CDN, checked on the way.
+        total, tail = await self._api.big_part_tail(folder, name)
+        wanted.check_size(total)
+        size = plaintext_size(key, len(wanted.small) + total, (wanted.small + tail)[-TAIL:])
+        return Plaintext(size, _decrypt_stream(key, wanted, self._api))
+
+    async def _wanted(self, folder: str, name: str) -> _Wanted:
+        """The small part and the integrity record, asked for side by side."""
+        fetching = asyncio.ensure_future(self._api.fetch_integrity_record(folder, name))
+        try:
+            small = await self._api.fetch_small_part(folder, name)
+            raw = await fetching
+        finally:
+            fetching.cancel()
+            await asyncio.gather(fetching, return_exceptions=True)
+        if raw is not None:
+            return _Wanted(folder, name, small, IntegrityRecord.parse(raw, f"{folder}/{name}"))
+        if self._settings.require_integrity:
+            raise IntegrityMissing(
+                f"{folder}/{name} has no integrity record on the API, and REQUIRE_INTEGRITY=1 "
+                "refuses a resource that nothing vouches for"
+            )
+        log.warning(
+            "%s/%s has no integrity record on the API (uploaded before records existed): "
+            "serving it unverified",
+            folder,
+            name,
+        )
+        return _Wanted(folder, name, small, None)
+
+    async def _from_cache(self, key: bytes, wanted: _Wanted, *, fresh: bool) -> Plaintext | None:
+        """The cache entry's plaintext; None when there is no usable entry of this blob.
+        An entry that is this blob's yet does not decrypt was damaged on disk, unless it is
+        `fresh` from the CDN: then the key is wrong (DecryptionFailed)."""
+        folder, name = wanted.folder, wanted.name
+        entry = await asyncio.to_thread(self._cache.open, folder, name)
+        if entry is None:
+            return None
+        if not wanted.matches(entry.digests, entry.size):
+            entry.file.close()
+            log.info("cached %s/%s.big belongs to another upload: fetching it again", folder, name)
+            return None
+        try:
+            size = await asyncio.to_thread(_cached_plaintext_size, key, wanted.small, entry)
+        except (DecryptionFailed, OSError):
+            entry.file.close()
+            await asyncio.to_thread(self._cache.discard, folder, name)
+            if fresh:
                 raise DecryptionFailed(
                     f"{folder}/{name} does not decrypt: its parts on the API and the CDN do "
                     "not match, or the key has changed"
                 ) from None
-            if cached is not None:
-                return cached
-        # No cache to hold it: straight from the CDN.
-        total, tail = await self._api.big_part_tail(folder, name)
-        size = plaintext_size(key, len(small) + total, (small + tail)[-TAIL:])
-        return Plaintext(size, _decrypt_stream(key, small, self._api, folder, name))
-
-    async def _from_cache(
-        self, key: bytes, small: bytes, folder: str, name: str
-    ) -> Plaintext | None:
-        """The cache entry's plaintext; None when there is none for this small part, and
-        DecryptionFailed when the entry cannot be used with it."""
-        entry = await asyncio.to_thread(self._cache.open, folder, name, small)
-        if entry is None:
+            log.warning("cached %s/%s.big is damaged: fetching it again", folder, name)
             return None
-        try:
-            size = await asyncio.to_thread(_cached_plaintext_size, key, small, entry)
-        except (DecryptionFailed, OSError):
-            entry.file.close()
-            raise DecryptionFailed(f"the cached big part of {folder}/{name} is unusable") from None
-        chunks = self._decrypt_entry(key, small, entry, folder, name)
+        chunks = self._decrypt_entry(key, wanted, entry)
         return Plaintext(size, chunks, entry.file.close)
 
-    async def _download(self, folder: str, name: str, small: bytes) -> bool:
+    async def _download(self, wanted: _Wanted) -> bool:
         """The big part, fetched into the cache once however many callers want it at once;
         False when the cache cannot be written."""
-        key = (folder, name)
+        key = (wanted.folder, wanted.name)
         task = self._downloads.get(key)
         if task is None:
-            task = asyncio.create_task(self._fetch_into_cache(folder, name, small))
+            task = asyncio.create_task(self._fetch_into_cache(wanted))
             self._downloads[key] = task
-            task.add_done_callback(lambda _: self._downloads.pop(key, None))
+            task.add_done_callback(self._download_done)
         # A caller that hangs up must not cancel the download the others wait for.
         return await asyncio.shield(task)
 
-    async def _fetch_into_cache(self, folder: str, name: str, small: bytes) -> bool:
+    def _download_done(self, task: asyncio.Task[bool]) -> None:
+        for key, running in list(self._downloads.items()):
+            if running is task:
+                del self._downloads[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone, and their errors with them
+
+    async def close(self) -> None:
+        """At shutdown: cancel the downloads still running, and wait until they cleaned up."""
+        tasks = list(self._downloads.values())
+        for (folder, name), task in self._downloads.items():
+            log.info("stopping the download of %s/%s.big: the daemon shuts down", folder, name)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _fetch_into_cache(self, wanted: _Wanted) -> bool:
+        folder, name = wanted.folder, wanted.name
         try:
             write = await asyncio.to_thread(self._cache.begin)
         except OSError as exc:
             self._warn_cache(exc)
             return False
+        write.join(wanted.small)
         try:
             pending = bytearray()
             async for chunk in self._api.stream_big_part(folder, name):
                 pending += chunk
+                if wanted.big_size is not None and write.size + len(pending) > wanted.big_size:
+                    raise wanted.mismatch()  # longer than the record says: no need to go on
                 if len(pending) >= CHUNK:
                     await asyncio.to_thread(write.write, bytes(pending))
                     pending.clear()
             await asyncio.to_thread(write.write, bytes(pending))
-            await asyncio.to_thread(self._cache.commit, write, folder, name, small)
+            try:
+                wanted.check(write.blob_digest, write.size)
+            except IntegrityFailed:
+                await asyncio.to_thread(self._cache.discard, folder, name)
+                raise
+            await asyncio.to_thread(self._cache.commit, write, folder, name)
         except BaseException:
             await asyncio.to_thread(write.abort)
             raise
@@ -250,32 +363,36 @@ class Resources:
         return True
 
     async def _decrypt_entry(
-        self, key: bytes, small: bytes, entry: CacheEntry, folder: str, name: str
+        self, key: bytes, wanted: _Wanted, entry: CacheEntry
     ) -> AsyncGenerator[bytes, None]:
-        """The plaintext of `small || entry`; the last block is held back until the entry's
-        digest checks out, so a caller never gets the whole of a damaged one."""
+        """The plaintext of `small || entry`; the last block is held back until the blob's
+        digest is the one recorded, so a caller never gets the whole of a damaged entry."""
         decryptor = Decryptor(key)
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(wanted.small)
+        left = entry.size
 
         def next_piece() -> bytes | None:
-            data = entry.file.read(LOAD_PIECE)
+            nonlocal left
+            data = entry.file.read(min(LOAD_PIECE, left))
             if not data:
                 return None
+            left -= len(data)
             digest.update(data)
             return decryptor.update(data)
 
         ahead: asyncio.Future[bytes | None] | None = None
         try:
-            yield decryptor.update(small)
+            yield decryptor.update(wanted.small)
             # One piece ahead: a worker reads and decrypts the next while this one is sent.
             ahead = asyncio.ensure_future(asyncio.to_thread(next_piece))
             while (piece := await ahead) is not None:
                 ahead = asyncio.ensure_future(asyncio.to_thread(next_piece))
                 yield piece
-            if entry.digest is not None and digest.digest() != entry.digest:
-                await asyncio.to_thread(self._cache.discard, folder, name)
-                raise DecryptionFailed(
-                    f"the cached big part of {folder}/{name} is damaged: removed, load it again"
+            if left or digest.digest() != entry.digests.blob:
+                await asyncio.to_thread(self._cache.discard, wanted.folder, wanted.name)
+                raise IntegrityFailed(
+                    f"the cached big part of {wanted.folder}/{wanted.name} is damaged: "
+                    "removed, load it again"
                 )
             yield decryptor.finalize()
         finally:
@@ -314,6 +431,7 @@ class _Cutter:
         if not self._cut_known:
             blob = bytes(self._head)
             cut = small_part_size(len(blob))
+            self._spool.join(blob[:cut])
             self._spool.write(blob[cut:])
             self._head = bytearray(blob[:cut])
         self._spool.flush()
@@ -326,6 +444,7 @@ class _Cutter:
         self._head += ciphertext
         if len(self._head) >= _FULL_CUT_FROM:
             self._cut_known = True
+            self._spool.join(bytes(self._head[:SMALL_PART_MAX]))
             self._spool.write(bytes(self._head[SMALL_PART_MAX:]))
             del self._head[SMALL_PART_MAX:]
 
@@ -336,16 +455,22 @@ def _cached_plaintext_size(key: bytes, small: bytes, entry: CacheEntry) -> int:
         tail = entry.file.read(TAIL)
     else:
         entry.file.seek(0)
-        tail = (small + entry.file.read())[-TAIL:]
+        tail = (small + entry.file.read(entry.size))[-TAIL:]
     entry.file.seek(0)
     return plaintext_size(key, len(small) + entry.size, tail)
 
 
 async def _decrypt_stream(
-    key: bytes, small: bytes, api: ResourceAPI, folder: str, name: str
+    key: bytes, wanted: _Wanted, api: ResourceAPI
 ) -> AsyncGenerator[bytes, None]:
+    """`small || big` from the CDN, decrypted; the last block only once the blob checks out."""
     decryptor = Decryptor(key)
-    yield decryptor.update(small)
-    async for chunk in api.stream_big_part(folder, name):
+    digest = hashlib.sha256(wanted.small)
+    size = 0
+    yield decryptor.update(wanted.small)
+    async for chunk in api.stream_big_part(wanted.folder, wanted.name):
+        digest.update(chunk)
+        size += len(chunk)
         yield decryptor.update(chunk)
+    wanted.check(digest.digest(), size)
     yield decryptor.finalize()

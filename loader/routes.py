@@ -16,7 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from loader.app import API, RESOURCES, SETTINGS, UNLOCKER
 from loader.errors import LoaderError, NameMismatch, PayloadTooLarge, ValidationFailed
 from loader.openapi import openapi_document
-from loader.resources import SpooledBlob, check_name
+from loader.resources import SpooledBlob, check_name, check_resource_name
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -58,7 +58,7 @@ _ANY_NAME = r"{filename:[\s\S]*}"
 
 @routes.post(f"/load/{_ANY_NAME}")
 async def load(request: web.Request) -> web.StreamResponse:
-    name = check_name("resource name", request.match_info["filename"])
+    name = check_resource_name(request.match_info["filename"])
     body = await json_body(request, {"filename": str, "folder": str})
     if body["filename"] != name:
         raise NameMismatch(f"the name in the path ({name!r}) and in the body differ")
@@ -105,7 +105,7 @@ async def load(request: web.Request) -> web.StreamResponse:
 
 @routes.post(f"/upload/{_ANY_NAME}")
 async def upload(request: web.Request) -> web.Response:
-    name = check_name("resource name", request.match_info["filename"])
+    name = check_resource_name(request.match_info["filename"])
     resources = request.app[RESOURCES]
     resources.require_login()
     limit = request.app[SETTINGS].max_upload_bytes

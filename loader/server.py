@@ -37,7 +37,7 @@ async def serve(settings: Settings, env: MutableMapping[str, str], redact: Redac
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    notifier = Notifier(env)
+    notifier = Notifier(env, redact)
     sock = inherited_socket(env)
     owned: _OwnedSocket | None = None
     if sock is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import pwd
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ class Settings:
     allowed_uids: tuple[int, ...] = ()
     # Extra CA certificates for the Resource API and CDN; the system's are always trusted.
     tls_ca_file: Path | None = None
+    # Refuse resources that the API keeps no integrity record for (resource-api.md).
+    require_integrity: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -73,7 +76,8 @@ class Settings:
             log_level=reader.get("LOG_LEVEL", _log_level, defaults.log_level),
             allowed_groups=reader.get("ALLOWED_GROUPS", _groups, defaults.allowed_groups),
             allowed_uids=reader.get("ALLOWED_UIDS", _uids, defaults.allowed_uids),
-            tls_ca_file=reader.get("TLS_CA_FILE", _readable_file, defaults.tls_ca_file),
+            tls_ca_file=reader.get("TLS_CA_FILE", _ca_file, defaults.tls_ca_file),
+            require_integrity=reader.get("REQUIRE_INTEGRITY", _flag, defaults.require_integrity),
         )
 
 
@@ -182,10 +186,20 @@ def _items(raw: str) -> list[str]:
     return items
 
 
-def _readable_file(raw: str) -> Path:
+def _flag(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("1", "0", "yes", "no", "true", "false"):
+        raise ValueError("must be 1 or 0 (yes/no, true/false)")
+    return value in ("1", "yes", "true")
+
+
+def _ca_file(raw: str) -> Path:
+    """A file of PEM CA certificates, loaded once here so that a bad one stops the start."""
     path = _path(raw)
     try:
-        path.open("rb").close()
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError:
+        raise ValueError("is not a PEM file of CA certificates") from None
     except OSError as exc:
         raise ValueError(f"cannot read it: {exc.strerror}") from None
     return path

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 
 import sdnotify
 
@@ -62,10 +62,14 @@ def inherited_socket(env: MutableMapping[str, str]) -> socket.socket | None:
 
 
 class Notifier:
-    """sd_notify, quietly absent when NOTIFY_SOCKET is unset (not under systemd)."""
+    """sd_notify, quietly absent when NOTIFY_SOCKET is unset (not under systemd).
 
-    def __init__(self, env: MutableMapping[str, str]) -> None:
+    STATUS= shows in `systemctl status` to whoever may read it: redacted like the log.
+    """
+
+    def __init__(self, env: MutableMapping[str, str], redact: Callable[[str], str] = str) -> None:
         self._notifier = sdnotify.SystemdNotifier() if env.get("NOTIFY_SOCKET") else None
+        self._redact = redact
         self.watchdog_interval = _watchdog_interval(env)
         self._last_status = ""
 
@@ -79,12 +83,12 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         self._last_status = status
-        self.send("READY=1", f"STATUS={status}")
+        self.send("READY=1", f"STATUS={self._redact(status)}")
 
     def status(self, status: str) -> None:
         if status != self._last_status:
             self._last_status = status
-            self.send(f"STATUS={status}")
+            self.send(f"STATUS={self._redact(status)}")
 
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=Stopping")

@@ -27,6 +27,7 @@ from loader.errors import (
     LoaderError,
 )
 from loader.images import Docker, stack_tags
+from loader.log import Redactor
 from loader.remote import ResourceAPI
 from loader.settings import Settings
 from loader.systemd import Notifier
@@ -70,9 +71,15 @@ class _Progress:
 
 class Unlocker:
     def __init__(
-        self, settings: Settings, api: ResourceAPI, docker: Docker, notifier: Notifier
+        self,
+        settings: Settings,
+        api: ResourceAPI,
+        docker: Docker,
+        notifier: Notifier,
+        redact: Redactor,
     ) -> None:
         self._settings = settings
+        self._redact = redact
         self._api = api
         self._docker = docker
         self._notifier = notifier
@@ -237,6 +244,8 @@ class Unlocker:
         self._notifier.status(message)
 
     def _fail(self, progress: _Progress, message: str) -> None:
+        # /unlock/status is read by every member of the socket's group: redacted like the log.
+        message = self._redact(message)
         progress.state, progress.error = UnlockState.ERROR, message
         log.error("unlock failed: %s", message)
         self._notifier.status(f"Unlock failed: {message}")

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from loader.app import make_app
+from loader.cache import ModelCache
 from loader.log import Redactor
 from loader.server import make_runner, make_site
 from loader.settings import Settings
@@ -146,6 +147,16 @@ async def make_local_app() -> AsyncIterator[Callable[[Settings], Any]]:
 async def local(make_local_app: Callable[[Settings], Any], settings: Settings) -> LocalApp:
     app: LocalApp = await make_local_app(settings)
     return app
+
+
+def cached_big_part(path: Path) -> bytes | None:
+    """The big part a cache entry FOLDER/NAME.big holds; None if it is not a sound entry."""
+    cache = ModelCache(path.parent.parent)
+    entry = cache.open(path.parent.name, path.name.removesuffix(".big"))
+    if entry is None:
+        return None
+    with entry.file:
+        return entry.file.read(entry.size)
 
 
 def daemon_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -300,6 +311,21 @@ class NotifyListener:
         message = data.decode()
         self.messages.append(message)
         return message
+
+    def drain(self) -> list[str]:
+        """Every message received so far, the ones not yet read included."""
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return self.messages
+            self.messages.append(data.decode())
+
+    async def collect(self) -> None:
+        """Read every message as it comes, until cancelled: the sender never finds the
+        queue full (it would block)."""
+        while True:
+            await self.next(timeout=3600)
 
     async def wait_for(self, field: str, timeout: float = 10.0) -> str:
         """The next message that carries `field`, e.g. READY=1."""

@@ -73,3 +73,21 @@ def test_short_values_are_not_treated_as_secrets() -> None:
     redact = logs.Redactor()
     redact.add("ab")
     assert redact("a cab") == "a cab"
+
+
+def test_the_redactor_keeps_the_secrets_seen_lately_and_no_more() -> None:
+    redact = logs.Redactor(limit=8)
+    redact.add("the-password")
+    for number in range(10_000):  # a token a login, for a long time
+        redact.add(f"token-{number:05d}")
+        redact.add("the-password")  # in use all along
+    assert len(redact) == 8
+    assert redact("token-09999 the-password") == "[redacted] [redacted]"
+    assert redact("token-00000") == "token-00000"  # long dead, long forgotten
+
+
+def test_a_longer_secret_is_redacted_before_a_shorter_one_inside_it() -> None:
+    redact = logs.Redactor()
+    redact.add("secret")
+    redact.add("secret-and-more")
+    assert redact("x secret-and-more y") == "x [redacted] y"

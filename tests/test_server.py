@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import signal
 import socket
 import stat
 
+import aiohttp
 import pytest
 
 from loader.settings import Settings
@@ -78,7 +80,14 @@ async def test_refuses_a_path_that_is_not_a_socket(spawn: Spawn, settings: Setti
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("API_TIMEOUT", "soon"), ("RESOURCE_API_URL", "api.azaion.com")]
+    ("name", "value"),
+    [
+        ("API_TIMEOUT", "soon"),
+        ("RESOURCE_API_URL", "api.azaion.com"),
+        ("REQUIRE_INTEGRITY", "maybe"),
+        # Readable, but not a certificate: refused at start, not by a traceback in the app.
+        ("TLS_CA_FILE", __file__),
+    ],
 )
 async def test_bad_config_is_one_line_naming_the_variable(
     spawn: Spawn, settings: Settings, name: str, value: str
@@ -173,3 +182,84 @@ async def test_sigterm_lets_a_request_in_flight_finish(
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err
     assert "stopping" in err.decode()
+
+
+def forwarded_env(env: dict[str, str]) -> list[str]:
+    """systemd-socket-activate passes only a minimal environment: ours goes with -E."""
+    return [f"-E{name}={env[name]}" for name in sorted(env) if name.isupper() and name != "PATH"]
+
+
+async def test_debris_is_gone_before_the_first_request_is_served(
+    spawn: Spawn, settings: Settings, socket_activate: str
+) -> None:
+    """A crash's partial cache files are removed before the socket is served: a request at
+    the first instant of a socket-activated start, whose own spool lies beside them, works."""
+    cache = settings.model_cache_dir
+    cache.mkdir(parents=True)
+    debris = [cache / f".incoming-{i:016x}.part" for i in range(3000)]
+    for path in debris:
+        path.write_bytes(b"left by a crash")
+    sock = settings.socket_path.with_name("activated.sock")
+    env = daemon_env(settings)
+    proc = await spawn(
+        socket_activate, "-l", str(sock), *forwarded_env(env), *loader_command(), "serve", env=env
+    )
+    assert proc.stderr is not None
+    assert b"Listening on" in await asyncio.wait_for(proc.stderr.readline(), 10)
+    data = os.urandom(2_000_000)
+    form = aiohttp.FormData()
+    form.add_field("folder", "models")
+    form.add_field("data", io.BytesIO(data), filename="model.bin")
+    async with session_for(sock) as session:
+        # This connection starts the daemon; the upload follows as soon as the login is in.
+        async with session.post(
+            "http://loader/login", json={"email": EMAIL, "password": PASSWORD}
+        ) as resp:
+            assert resp.status == 200
+        async with session.post("http://loader/upload/model.bin", data=form) as resp:
+            assert resp.status == 200, await resp.text()
+        async with session.post(
+            "http://loader/load/model.bin", json={"filename": "model.bin", "folder": "models"}
+        ) as resp:
+            assert (resp.status, await resp.read()) == (200, data)
+    assert [path for path in debris if path.exists()] == []
+    code, err = await stop(proc)
+    assert code == 0, err
+    assert err.index("removed 3000 partial cache files") < err.index("serving on")
+
+
+async def test_shutdown_with_a_download_in_flight_and_no_caller(
+    spawn: Spawn, settings: Settings, emulator: RunningEmulator
+) -> None:
+    proc = await spawn(*loader_command(), "serve", env=daemon_env(settings, SHUTDOWN_GRACE="1"))
+    await wait_for(lambda: socket_answers(settings.socket_path), what="the socket")
+    data = os.urandom(1_000_000)
+    form = aiohttp.FormData()
+    form.add_field("folder", "models")
+    form.add_field("data", io.BytesIO(data), filename="model.bin")
+    async with session_for(settings.socket_path) as session:
+        async with session.post(
+            "http://loader/login", json={"email": EMAIL, "password": PASSWORD}
+        ) as resp:
+            assert resp.status == 200
+        async with session.post("http://loader/upload/model.bin", data=form) as resp:
+            assert resp.status == 200
+    (settings.model_cache_dir / "models" / "model.bin.big").unlink()
+    cdn = "/cdn/models/model.bin.big"
+    emulator.emulator.add_rule(FaultRule(method="GET", path_prefix=cdn, kind="delay", delay=60))
+    # A caller asks for it, and hangs up while the download waits on the CDN.
+    async with session_for(settings.socket_path) as session:
+        asking = asyncio.create_task(
+            session.post(
+                "http://loader/load/model.bin", json={"filename": "model.bin", "folder": "models"}
+            )
+        )
+        await wait_for(lambda: emulator.emulator.requests("GET", cdn), what="the download")
+        asking.cancel()
+        await asyncio.gather(asking, return_exceptions=True)
+    code, err = await stop(proc)
+    assert code == 0, err
+    assert "stopping the download of models/model.bin.big" in err
+    assert "never retrieved" not in err
+    assert "Traceback" not in err
+    assert not list((settings.model_cache_dir).glob(".*.part"))

@@ -100,3 +100,8 @@ def test_settings_are_immutable() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):
         settings.api_version = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("raw", "value"), [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_require_integrity(raw: str, value: bool) -> None:
+    assert Settings.from_env({"REQUIRE_INTEGRITY": raw}).require_integrity is value

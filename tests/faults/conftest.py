@@ -32,6 +32,7 @@ from tests.conftest import (
     PASSWORD,
     LocalApp,
     RunningEmulator,
+    cached_big_part,
     daemon_env,
     loader_command,
     raw_request,
@@ -285,7 +286,7 @@ def cache_mismatches(cache: Path, emulator: Emulator) -> list[str]:
             continue
         folder, name = entry.parent.name, entry.name[: -len(".big")]
         cdn = emulator.store.big_path(folder, name)
-        if not cdn.exists() or cdn.read_bytes() != entry.read_bytes():
+        if not cdn.exists() or cdn.read_bytes() != cached_big_part(entry):
             problems.append(f"the cache entry {entry} is not the CDN's big part")
     return problems
 

@@ -1,11 +1,11 @@
-"""Any damage to a resource's big part, in the cache or on the CDN, ends in the one
-decryption error (502 decryption-failed before the body, or a stream cut short), or in the
-right plaintext once the loader has fetched a good copy again: never another error or a 500.
+"""Any damage to a resource's big part, in the cache or on the CDN, never reaches a caller
+as a complete answer with other bytes.
 
-The blob format is AES-CBC without an integrity tag: damage in the middle of a big part on
-the CDN decrypts into a wrong block or two with valid padding, and nothing in the contract
-lets the loader tell. So for the CDN the property is only "no other error, no 500"; for the
-loader's own cache, which it wrote and can check, a wrong plaintext is a failure.
+AES-CBC has no integrity tag: damage in the middle of a big part decrypts into a wrong block
+or two with valid padding. The API's integrity record (resource-api.md) is what lets the
+loader tell: damage on the CDN is a 502 integrity-failed before the body, and nothing is
+cached; damage in the loader's own cache ends in a 502 before the body, a stream cut short,
+or the right plaintext once the loader has fetched a good copy again.
 """
 
 from __future__ import annotations
@@ -96,11 +96,16 @@ def damage_file(path: Path, damage: Damage) -> None:
     path.write_bytes(damage.apply(path.read_bytes()))
 
 
-def assert_one_decryption_error(loaded: Loaded) -> None:
-    """A 502 decryption-failed before the body, or a 200 whose body was cut."""
-    if loaded.status == 200:
-        return
-    assert_clear_error(loaded.status, loaded.body, 502, "decryption-failed")
+def assert_damage_refused(loaded: Loaded, data: bytes, damage: Damage) -> None:
+    """A 502 before the body, a 200 whose body was cut, or the right plaintext whole."""
+    if loaded.status != 200:
+        answer = assert_clear_error(loaded.status, loaded.body, 502)
+        assert answer["code"] in ("integrity-failed", "decryption-failed"), answer
+    elif not loaded.cut:
+        assert loaded.body == data, (
+            f"a damaged big part ({damage}) was served as good data: "
+            f"{sum(a != b for a, b in zip(loaded.body, data, strict=False))} bytes differ"
+        )
 
 
 @SETTINGS
@@ -109,12 +114,7 @@ async def test_damaged_cache_entry(
     scene: Scene, emulator: RunningEmulator, damage: Damage, size: int
 ) -> None:
     loaded, data, name = await damaged_load(scene, emulator, damage, size, in_cache=True)
-    assert_one_decryption_error(loaded)
-    if loaded.status == 200 and not loaded.cut:
-        assert loaded.body == data, (
-            f"a damaged cache entry ({damage}) was served as good data: "
-            f"{sum(a != b for a, b in zip(loaded.body, data, strict=False))} bytes differ"
-        )
+    assert_damage_refused(loaded, data, damage)
     await scene.assert_after(data)
     # The cache heals: the next load is the right plaintext.
     again = await scene.client().load(name)
@@ -126,8 +126,7 @@ async def test_damaged_cache_entry(
 async def test_damaged_cdn_part(
     scene: Scene, emulator: RunningEmulator, damage: Damage, size: int
 ) -> None:
-    loaded, data, _ = await damaged_load(scene, emulator, damage, size, in_cache=False)
-    assert_one_decryption_error(loaded)
-    if loaded.status == 200 and not loaded.cut:
-        assert len(loaded.body) == loaded.content_length
+    loaded, data, name = await damaged_load(scene, emulator, damage, size, in_cache=False)
+    assert_clear_error(loaded.status, loaded.body, 502, "integrity-failed")
+    assert not (scene.cache / FOLDER / f"{name}.big").exists()
     await scene.assert_after(data)

@@ -4,6 +4,7 @@ no answer it gave holds any of them, as text, hex, repr or base64."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -11,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ARCHIVE_FRAGMENT, EMAIL, PASSWORD, RESOURCE_FRAGMENT, RunningEmulator
+from tests.conftest import (
+    ARCHIVE_FRAGMENT,
+    EMAIL,
+    PASSWORD,
+    RESOURCE_FRAGMENT,
+    NotifyListener,
+    RunningEmulator,
+)
 from tests.dockerd import ArchiveInfo, PrivateDockerd
 from tests.emulator import FaultRule
 from tests.faults.conftest import FOLDER, StartDaemon, assert_clear_error, files_under
@@ -51,9 +59,16 @@ async def test_no_secret_in_logs_files_or_answers(
     image_archive: ArchiveInfo,
     no_stack_images: list[str],
     short_dir: Path,
+    notify: NotifyListener,
 ) -> None:
     tokens = emulator.emulator.issued_tokens
-    daemon = await start_daemon(private_dockerd, images_path=image_archive.path, log_level="debug")
+    collecting = asyncio.create_task(notify.collect())
+    daemon = await start_daemon(
+        private_dockerd,
+        env={"NOTIFY_SOCKET": str(notify.path)},
+        images_path=image_archive.path,
+        log_level="debug",
+    )
     client = daemon.scene.client(limit=60)
 
     # A wrong password, at /login and at /unlock.
@@ -61,6 +76,13 @@ async def test_no_secret_in_logs_files_or_answers(
     assert_clear_error(status, body, 401, "wrong-credentials")
     assert (await client.unlock(WRONG_PASSWORD))[0] == 200
     assert (await client.settled())["state"] == "error"
+    # An API that echoes the body it refuses, as FastAPI's 422 does: the password with it.
+    emulator.emulator.add_rule(FaultRule(method="POST", path_prefix="/login", kind="echo", count=2))
+    status, body = await client.login(WRONG_PASSWORD)
+    assert_clear_error(status, body, 502, "remote-refused", "HTTP 422")
+    assert (await client.unlock(WRONG_PASSWORD))[0] == 200
+    failed = await client.settled()
+    assert (failed["state"], "HTTP 422" in failed["error"]) == ("error", True), failed
     # The right one; the unlock against the private dockerd.
     assert (await client.login())[0] == 200
     assert (await client.unlock())[0] == 200
@@ -124,4 +146,10 @@ async def test_no_secret_in_logs_files_or_answers(
     assert len(client.answers) > 20
     for number, answer in enumerate(client.answers, 1):
         found += [f"answer {number} holds {name}" for name in leaks(answer, secrets)]
+    collecting.cancel()
+    await asyncio.gather(collecting, return_exceptions=True)
+    statuses = notify.drain()
+    assert any("Unlock failed" in status for status in statuses), statuses
+    for status in statuses:
+        found += [f"STATUS= {status!r} holds {name}" for name in leaks(status.encode(), secrets)]
     assert not found, "\n".join(found)
