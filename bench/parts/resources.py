@@ -106,9 +106,12 @@ def load_cached(bench: Bench) -> PartResult:
     resource = bench.resource()
     _ensure_uploaded(bench)
     entry = _cache_entry(bench)
-    small = PartStore(bench.emulator_storage).small_path(FOLDER, RESOURCE_NAME).read_bytes()
+    store = PartStore(bench.emulator_storage)
+    small = store.small_path(FOLDER, RESOURCE_NAME).read_bytes()
+    # The same bytes as the cache entry, without its trailer.
+    big = store.big_path(FOLDER, RESOURCE_NAME)
     key = key_from_fragment(RESOURCE_FRAGMENT)
-    warm(entry)
+    warm(entry, big)
     speeds: list[float] = []
     peaks: list[float] = []
     alone: list[float] = []
@@ -117,7 +120,7 @@ def load_cached(bench: Bench) -> PartResult:
         speeds.append(mb_s)
         peaks.append(peak)
         bench.settle()
-        alone.append(resource.size / MB / decrypt_blob(small, entry, key))
+        alone.append(resource.size / MB / decrypt_blob(small, big, key))
         print(f"  /load cached: {mb_s:,.0f} MB/s, peak RSS {peak:.1f} MB")
     speed, rss, ref = Spread.of(speeds), Spread.of(peaks), Spread.of(alone)
     size = f"{resource.size / MB:,.0f} MB"
