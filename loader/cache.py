@@ -73,21 +73,15 @@ class ModelCache:
             file = open(self.path(folder, name), "rb")  # noqa: SIM115 - the entry owns it
         except OSError:
             return None
-        try:
-            size = os.fstat(file.fileno()).st_size - _TRAILER.size
-            if size > 0:
-                file.seek(size)
-                magic, small, blob, recorded_size = _TRAILER.unpack(file.read(_TRAILER.size))
-                if magic == _MAGIC and recorded_size == size:
-                    file.seek(0)
-                    return CacheEntry(file, size, EntryDigests(small, blob))
-        except (OSError, struct.error):
-            pass
-        file.close()
-        log.info(
-            "cached %s/%s.big has no sound record of its origin: fetching it again", folder, name
-        )
-        return None
+        entry = _with_trailer(file)
+        if entry is None:
+            file.close()
+            log.info(
+                "cached %s/%s.big has no sound record of its origin: fetching it again",
+                folder,
+                name,
+            )
+        return entry
 
     def begin(self) -> CacheWrite:
         """A new file under a temporary name in the cache; OSError when the cache is unusable."""
@@ -119,6 +113,22 @@ class CacheEntry:
     file: BinaryIO
     size: int
     digests: EntryDigests
+
+
+def _with_trailer(file: BinaryIO) -> CacheEntry | None:
+    """The entry `file` holds, at its start; None when its trailer is missing or unsound."""
+    try:
+        size = os.fstat(file.fileno()).st_size - _TRAILER.size
+        if size <= 0:
+            return None
+        file.seek(size)
+        magic, small, blob, recorded_size = _TRAILER.unpack(file.read(_TRAILER.size))
+        file.seek(0)
+    except (OSError, struct.error):
+        return None
+    if magic != _MAGIC or recorded_size != size:
+        return None
+    return CacheEntry(file, size, EntryDigests(small, blob))
 
 
 class CacheWrite:
