@@ -25,6 +25,12 @@ def _cbc(key: bytes, iv: bytes) -> Any:
     return Cipher(algorithms.AES(key), modes.CBC(iv))
 
 
+def block_decryptor(key: bytes, previous_block: bytes) -> Any:
+    """A CBC decryptor that starts after `previous_block` (the ciphertext block before
+    the first one it is given, or the IV): any part of a blob decrypts on its own."""
+    return _cbc(key, previous_block).decryptor()
+
+
 def _pkcs7() -> Any:  # the Encryptor's padding
     from cryptography.hazmat.primitives import padding
 

@@ -1,0 +1,248 @@
+"""The image archive read by its parts (loader/archive.py): an index from the tar headers
+alone, byte ranges decrypted on their own, and one OCI-layout tar per image that the
+engine loads, thin where it has the layers already."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from loader.archive import (
+    ArchiveDamaged,
+    EncryptedArchive,
+    Image,
+    index_members,
+    oci_image_tar,
+    read_images,
+)
+from loader.crypto import encrypt, key_from_fragment
+from loader.errors import DecryptionFailed
+from tests.conftest import ARCHIVE_FRAGMENT
+from tests.dockerd import ArchiveInfo, PrivateDockerd, image_ids, remove_images
+
+KEY = key_from_fragment(ARCHIVE_FRAGMENT)
+MiB = 1 << 20
+
+
+def tar_of(files: dict[str, bytes], form: int = tarfile.GNU_FORMAT) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=form) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def encrypted_file(tmp_path: Path, plaintext: bytes, key: bytes = KEY) -> Path:
+    path = tmp_path / "images.enc"
+    path.write_bytes(encrypt(key, plaintext))
+    return path
+
+
+@pytest.fixture
+def opened() -> Iterator[Any]:
+    """`opened(path, key=KEY)`: the archive, closed at the end of the test."""
+    archives: list[EncryptedArchive] = []
+
+    def open_archive(path: Path, key: bytes = KEY) -> EncryptedArchive:
+        archives.append(EncryptedArchive.open(path, key))
+        return archives[-1]
+
+    yield open_archive
+    for archive in archives:
+        archive.close()
+
+
+@pytest.mark.parametrize("form", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_index_names_every_file_where_tarfile_finds_it(
+    tmp_path: Path, form: int, opened: Any
+) -> None:
+    files = {
+        "manifest.json": b"[]",
+        "a" * 64 + "/layer.tar": os.urandom(5000),
+        "blobs/sha256/" + "b" * 64: os.urandom(1),
+        "empty": b"",
+        "exactly-one-record": os.urandom(512),
+    }
+    if form != tarfile.USTAR_FORMAT:  # names beyond ustar's 100 + 155 characters
+        files["deep/" * 40 + "file"] = os.urandom(700)
+    if form == tarfile.PAX_FORMAT:
+        files["naïve-ünicode"] = b"pax only"
+    plaintext = tar_of(files, form)
+    archive = opened(encrypted_file(tmp_path, plaintext))
+    members = index_members(archive)
+    assert set(members) == set(files)
+    for name, data in files.items():
+        member = members[name]
+        assert (member.size, plaintext[member.offset : member.offset + member.size]) == (
+            len(data),
+            data,
+        )
+        assert archive.read(member.offset, member.size) == data
+
+
+def test_the_index_decrypts_headers_not_bodies(tmp_path: Path, opened: Any) -> None:
+    files = {f"layer-{i}.tar": os.urandom(4 * MiB) for i in range(8)}
+    path = encrypted_file(tmp_path, tar_of(files))
+    archive = opened(path)
+    assert len(index_members(archive)) == 8
+    # A record a member, and the blocks around: about 10 KB of a 32 MB archive.
+    assert archive.decrypted < 16 * 1024, archive.decrypted
+    assert archive.decrypted < path.stat().st_size / 1000
+
+
+RANGE_PLAINTEXT = os.urandom(65_537)
+
+
+@pytest.fixture(scope="module")
+def range_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return encrypted_file(tmp_path_factory.mktemp("range"), RANGE_PLAINTEXT)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(offset=st.integers(0, 70_000), size=st.integers(0, 70_000), piece=st.integers(1, 9000))
+def test_any_range_decrypts_on_its_own(
+    range_file: Path, offset: int, size: int, piece: int
+) -> None:
+    with EncryptedArchive.open(range_file, KEY) as archive:
+        chunks = list(archive.chunks(offset, size, piece))
+    assert b"".join(chunks) == RANGE_PLAINTEXT[offset : offset + size]
+    assert all(chunks)
+
+
+def test_a_wrong_key_or_a_cut_archive_is_refused_at_once(tmp_path: Path, opened: Any) -> None:
+    path = encrypted_file(tmp_path, tar_of({"manifest.json": b"[]"}))
+    with pytest.raises(DecryptionFailed):
+        opened(path, key_from_fragment(b"another fragment"))
+    whole = path.read_bytes()
+    for cut in (16, 100, len(whole) - 20):
+        path.write_bytes(whole[:-cut])
+        with pytest.raises(DecryptionFailed):
+            opened(path)
+
+
+def test_a_blob_that_is_not_a_tar_is_damaged(tmp_path: Path, opened: Any) -> None:
+    archive = opened(encrypted_file(tmp_path, os.urandom(3000)))
+    with pytest.raises(ArchiveDamaged, match="no tar header at byte 0"):
+        index_members(archive)
+    plaintext = tar_of({"big": os.urandom(10_000)})
+    archive = opened(encrypted_file(tmp_path, plaintext[:4096]))  # cut inside "big"
+    with pytest.raises(ArchiveDamaged, match="truncated"):
+        index_members(archive)
+
+
+# ---- images, and the engine ----------------------------------------------------------
+
+
+def layer_tar(name: str, size: int) -> bytes:
+    return tar_of({f"opt/{name}/payload.bin": os.urandom(size)})
+
+
+def legacy_save(images: dict[str, list[bytes]]) -> bytes:
+    """A `docker save` tar in the legacy layout (Docker <= 24): `<id>/layer.tar`,
+    `<config digest>.json` and `manifest.json`, for images tagged by the keys."""
+    files: dict[str, bytes] = {}
+    manifest = []
+    for tag, layers in images.items():
+        diff_ids = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]
+        paths = []
+        for layer, diff_id in zip(layers, diff_ids, strict=True):
+            path = diff_id.removeprefix("sha256:") + "/layer.tar"
+            files[path] = layer
+            paths.append(path)
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Labels": {"tag": tag}},
+                "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            }
+        ).encode()
+        config_name = hashlib.sha256(config).hexdigest() + ".json"
+        files[config_name] = config
+        manifest.append({"Config": config_name, "RepoTags": [tag], "Layers": paths})
+    files["manifest.json"] = json.dumps(manifest).encode()
+    return tar_of(files)
+
+
+def load(docker_api: Any, chunks: Iterator[bytes]) -> int:
+    """Load a tar into the engine; returns how many bytes it was sent."""
+    sent = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal sent
+        for chunk in chunks:
+            sent += len(chunk)
+            yield chunk
+
+    for message in docker_api.load_image(counted()):
+        assert "error" not in message, message
+    return sent
+
+
+@pytest.fixture
+def stack(tmp_path: Path, private_dockerd: PrivateDockerd) -> Iterator[tuple[Path, list[str]]]:
+    """A base layer shared by three images, each with a layer of its own."""
+    base = layer_tar("base", 2 * MiB)
+    tags = [f"azl-archive-test/child-{i}:1" for i in range(3)]
+    plaintext = legacy_save({tag: [base, layer_tar(tag, 256 * 1024)] for tag in tags})
+    remove_images(private_dockerd, tags)
+    yield encrypted_file(tmp_path, plaintext), tags
+    remove_images(private_dockerd, tags)
+
+
+def test_each_image_loads_alone_and_thin_with_its_id(
+    stack: tuple[Path, list[str]], private_dockerd: PrivateDockerd, docker_api: Any, opened: Any
+) -> None:
+    path, tags = stack
+    archive = opened(path)
+    images = read_images(archive, index_members(archive))
+    assert [image.tags for image in images] == [(tag,) for tag in tags]
+    first, *others = images
+    whole = load(docker_api, oci_image_tar(archive, first))
+    assert whole > 2 * MiB
+    present = {layer.digest for layer in first.layers}
+    for image in others:
+        # The base is in the engine now: the tar holds only the image's own layer.
+        sent = load(docker_api, oci_image_tar(archive, image, present))
+        assert sent < whole - 2 * MiB + 64 * 1024, (sent, whole)
+    assert image_ids(private_dockerd, tags) == {image.tags[0]: image.id for image in images}
+
+
+def test_a_thin_tar_without_the_base_in_the_engine_is_refused(
+    stack: tuple[Path, list[str]], docker_api: Any, opened: Any
+) -> None:
+    path, _ = stack
+    archive = opened(path)
+    image: Image = read_images(archive, index_members(archive))[0]
+    with pytest.raises(AssertionError, match="error"):
+        load(docker_api, oci_image_tar(archive, image, [image.layers[0].digest]))
+
+
+def test_a_real_docker_save_archive(
+    image_archive: ArchiveInfo, private_dockerd: PrivateDockerd, docker_api: Any, opened: Any
+) -> None:
+    archive = opened(image_archive.path)
+    members = index_members(archive)
+    images = read_images(archive, members)
+    assert len(images) == 7
+    tags = [image.tags[0] for image in images]
+    remove_images(private_dockerd, tags)
+    try:
+        for image in images:
+            load(docker_api, oci_image_tar(archive, image))
+        assert image_ids(private_dockerd, tags) == {image.tags[0]: image.id for image in images}
+    finally:
+        remove_images(private_dockerd, tags)
