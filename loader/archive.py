@@ -232,6 +232,15 @@ def _member_bytes(
     return archive.read(member.offset, member.size)
 
 
+def layers_present(image: Image, engine_layers: Iterable[tuple[str, ...]]) -> set[str]:
+    """The digests of `image`'s layers that an engine holding images with `engine_layers`
+    (each a base-up list of diff IDs) has already: a layer counts only with every layer
+    under it the same, as the engine keys layers by their whole chain."""
+    chains = {layers[:depth] for layers in engine_layers for depth in range(1, len(layers) + 1)}
+    digests = tuple(layer.digest for layer in image.layers)
+    return {digests[depth - 1] for depth in range(1, len(digests) + 1) if digests[:depth] in chains}
+
+
 def oci_image_tar(
     archive: EncryptedArchive, image: Image, present: Iterable[str] = (), piece: int = PIECE
 ) -> Iterator[bytes]:

@@ -13,6 +13,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from loader.errors import DockerFailed, DockerUnavailable
@@ -39,6 +40,14 @@ DEFAULT_HOST = "unix:///var/run/docker.sock"
 
 def stack_tags(version: str) -> list[str]:
     return [f"{name}:{version}" for name in STACK_IMAGES]
+
+
+@dataclass(frozen=True)
+class EngineImage:
+    """An image as the engine has it: its ID and its layers' diff IDs, from the base up."""
+
+    id: str
+    layers: tuple[str, ...]
 
 
 class Docker:
@@ -133,6 +142,22 @@ class Docker:
                 except docker.errors.ImageNotFound:
                     absent.append(tag)
         return absent
+
+    def inspect(self, tags: Iterable[str]) -> dict[str, EngineImage]:
+        """Those of `tags` that Docker has: each image's ID and layers."""
+        import docker.errors
+
+        api = self._client(load=False)
+        found = {}
+        with self._calling("inspect the images"):
+            for tag in tags:
+                try:
+                    answer = api.inspect_image(tag)
+                except docker.errors.ImageNotFound:
+                    continue
+                layers = (answer.get("RootFS") or {}).get("Layers") or ()
+                found[tag] = EngineImage(str(answer.get("Id", "")), tuple(layers))
+        return found
 
     def tags(self) -> set[str]:
         """Every repo:tag Docker has."""

@@ -22,14 +22,18 @@ from loader.archive import (
     ArchiveDamaged,
     EncryptedArchive,
     Image,
+    Layer,
+    Member,
     index_members,
+    layers_present,
     oci_image_tar,
     read_images,
 )
 from loader.crypto import encrypt, key_from_fragment
-from loader.errors import DecryptionFailed
+from loader.errors import DecryptionFailed, DockerFailed
+from loader.images import Docker
 from tests.conftest import ARCHIVE_FRAGMENT
-from tests.dockerd import ArchiveInfo, PrivateDockerd, image_ids, remove_images
+from tests.dockerd import ArchiveInfo, PrivateDockerd, remove_images
 
 KEY = key_from_fragment(ARCHIVE_FRAGMENT)
 MiB = 1 << 20
@@ -177,21 +181,6 @@ def legacy_save(images: dict[str, list[bytes]]) -> bytes:
     return tar_of(files)
 
 
-def load(docker_api: Any, chunks: Iterator[bytes]) -> int:
-    """Load a tar into the engine; returns how many bytes it was sent."""
-    sent = 0
-
-    def counted() -> Iterator[bytes]:
-        nonlocal sent
-        for chunk in chunks:
-            sent += len(chunk)
-            yield chunk
-
-    for message in docker_api.load_image(counted()):
-        assert "error" not in message, message
-    return sent
-
-
 @pytest.fixture
 def stack(tmp_path: Path, private_dockerd: PrivateDockerd) -> Iterator[tuple[Path, list[str]]]:
     """A base layer shared by three images, each with a layer of its own."""
@@ -204,35 +193,81 @@ def stack(tmp_path: Path, private_dockerd: PrivateDockerd) -> Iterator[tuple[Pat
 
 
 def test_each_image_loads_alone_and_thin_with_its_id(
-    stack: tuple[Path, list[str]], private_dockerd: PrivateDockerd, docker_api: Any, opened: Any
+    stack: tuple[Path, list[str]], private_dockerd: PrivateDockerd, opened: Any
 ) -> None:
     path, tags = stack
     archive = opened(path)
     images = read_images(archive, index_members(archive))
     assert [image.tags for image in images] == [(tag,) for tag in tags]
-    first, *others = images
-    whole = load(docker_api, oci_image_tar(archive, first))
-    assert whole > 2 * MiB
-    present = {layer.digest for layer in first.layers}
-    for image in others:
-        # The base is in the engine now: the tar holds only the image's own layer.
-        sent = load(docker_api, oci_image_tar(archive, image, present))
-        assert sent < whole - 2 * MiB + 64 * 1024, (sent, whole)
-    assert image_ids(private_dockerd, tags) == {image.tags[0]: image.id for image in images}
+    docker = Docker(private_dockerd.host)
+    try:
+        first, *others = images
+        assert (
+            layers_present(first, [layers.layers for layers in docker.inspect(tags).values()])
+            == set()
+        )
+        whole = counted_load(docker, oci_image_tar(archive, first))
+        assert whole > 2 * MiB
+        for image in others:
+            engine = docker.inspect(tags)
+            present = layers_present(image, [each.layers for each in engine.values()])
+            # The base is in the engine now: the tar holds only the image's own layer.
+            assert present == {image.layers[0].digest}
+            sent = counted_load(docker, oci_image_tar(archive, image, present))
+            assert sent < whole - 2 * MiB + 64 * 1024, (sent, whole)
+        engine = docker.inspect(tags)
+        assert {tag: each.id for tag, each in engine.items()} == {
+            image.tags[0]: image.id for image in images
+        }
+        assert all(
+            engine[image.tags[0]].layers == tuple(layer.digest for layer in image.layers)
+            for image in images
+        )
+    finally:
+        docker.close()
+
+
+def counted_load(docker: Docker, chunks: Iterator[bytes]) -> int:
+    """Load a tar through the loader's own Docker client; returns the bytes sent."""
+    sent = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal sent
+        for chunk in chunks:
+            sent += len(chunk)
+            yield chunk
+
+    docker.load(counted(), on_loaded=lambda tag: None)
+    return sent
+
+
+def test_a_layer_counts_as_present_only_over_the_same_base() -> None:
+    def image(*digests: str) -> Image:
+        return Image((), b"{}", tuple(Layer(Member(d, 0, 1), d) for d in digests))
+
+    engine = [("base", "a"), ("other-base", "b")]
+    assert layers_present(image("base", "a", "c"), engine) == {"base", "a"}
+    assert layers_present(image("base", "b"), engine) == {"base"}  # b sits on another base
+    assert layers_present(image("b"), engine) == set()
+    assert layers_present(image("other-base", "b", "a"), engine) == {"other-base", "b"}
 
 
 def test_a_thin_tar_without_the_base_in_the_engine_is_refused(
-    stack: tuple[Path, list[str]], docker_api: Any, opened: Any
+    stack: tuple[Path, list[str]], private_dockerd: PrivateDockerd, opened: Any
 ) -> None:
     path, _ = stack
     archive = opened(path)
     image: Image = read_images(archive, index_members(archive))[0]
-    with pytest.raises(AssertionError, match="error"):
-        load(docker_api, oci_image_tar(archive, image, [image.layers[0].digest]))
+    docker = Docker(private_dockerd.host)
+    try:
+        with pytest.raises(DockerFailed, match="Docker refused the images"):
+            counted_load(docker, oci_image_tar(archive, image, [image.layers[0].digest]))
+    finally:
+        docker.close()
 
 
 def test_a_real_docker_save_archive(
-    image_archive: ArchiveInfo, private_dockerd: PrivateDockerd, docker_api: Any, opened: Any
+    image_archive: ArchiveInfo, private_dockerd: PrivateDockerd, opened: Any
 ) -> None:
     archive = opened(image_archive.path)
     members = index_members(archive)
@@ -240,9 +275,13 @@ def test_a_real_docker_save_archive(
     assert len(images) == 7
     tags = [image.tags[0] for image in images]
     remove_images(private_dockerd, tags)
+    docker = Docker(private_dockerd.host)
     try:
         for image in images:
-            load(docker_api, oci_image_tar(archive, image))
-        assert image_ids(private_dockerd, tags) == {image.tags[0]: image.id for image in images}
+            counted_load(docker, oci_image_tar(archive, image))
+        assert {tag: each.id for tag, each in docker.inspect(tags).items()} == {
+            image.tags[0]: image.id for image in images
+        }
     finally:
+        docker.close()
         remove_images(private_dockerd, tags)
