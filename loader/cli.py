@@ -202,9 +202,11 @@ async def _unlock(args: argparse.Namespace) -> int:
                     progress.finish(f"failed: {status.get('error')}")
                     return EXIT_FAILED
                 progress.update(
-                    str(state).replace("_", " "),
+                    _unlock_stage(status),
                     int(status.get("bytesDone") or 0),
                     int(status.get("bytesTotal") or 0),
+                    # The engine's work, not only the bytes handed over.
+                    fraction=float(status.get("percent") or 0) / 100,
                 )
                 await asyncio.sleep(_POLL)
         except (KeyboardInterrupt, asyncio.CancelledError):
@@ -279,6 +281,14 @@ async def _copy(resp: Any, out: BinaryIO, total: int, progress: Progress) -> Non
     progress.finish(f"{done} bytes")
 
 
+def _unlock_stage(status: dict[str, Any]) -> str:
+    """ "loading image 3 of 7" while images load, else the state in words."""
+    if status.get("state") == "loading_images" and status.get("imagesTotal"):
+        current = min(int(status.get("imagesDone") or 0) + 1, int(status["imagesTotal"]))
+        return f"loading image {current} of {status['imagesTotal']}"
+    return str(status.get("state")).replace("_", " ")
+
+
 class Progress:
     """A bar redrawn in place on a terminal; elsewhere one line per stage or per 10%."""
 
@@ -291,11 +301,14 @@ class Progress:
         self._start = time.monotonic()
         self._drawn = False
 
-    def update(self, stage: str, done: int, total: int) -> None:
+    def update(self, stage: str, done: int, total: int, fraction: float | None = None) -> None:
+        """`done` of `total` bytes; `fraction` of the work, when bytes do not tell it."""
+        if fraction is None and total:
+            fraction = done / total
         if self._tty:
-            self._draw(stage, done, total)
+            self._draw(stage, done, total, fraction)
             return
-        tenth = done * 10 // total if total else -1
+        tenth = int(fraction * 10) if total and fraction is not None else -1
         if stage != self._stage or tenth > self._tenth:
             percent = f" {tenth * 10}%" if total else ""
             print(f"{self._what}: {stage}{percent}", file=self._stream, flush=True)
@@ -306,15 +319,15 @@ class Progress:
             self._stream.write("\r\033[K")
         print(f"{self._what}: {message}", file=self._stream, flush=True)
 
-    def _draw(self, stage: str, done: int, total: int) -> None:
+    def _draw(self, stage: str, done: int, total: int, fraction: float | None) -> None:
         import shutil
 
         width = shutil.get_terminal_size((80, 24)).columns
         elapsed = max(time.monotonic() - self._start, 1e-6)
         rate = done / elapsed
-        if total:
-            fraction = min(done / total, 1.0)
-            left = (total - done) / rate if rate > 0 else 0
+        if total and fraction is not None:
+            fraction = min(fraction, 1.0)
+            left = elapsed * (1 - fraction) / fraction if fraction > 0 else 0
             text = (
                 f" {fraction * 100:5.1f}% {_size(done)}/{_size(total)} "
                 f"{_size(rate)}/s {_clock(left)} left  {stage}"

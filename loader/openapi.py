@@ -231,8 +231,25 @@ def openapi_document() -> dict[str, Any]:
                         "error": {"type": "string", "nullable": True},
                         "bytesDone": {"type": "integer", "minimum": 0},
                         "bytesTotal": {"type": "integer", "minimum": 0},
-                        "percent": {"type": "number", "minimum": 0, "maximum": 100},
-                        "images": {"type": "array", "items": {"type": "string"}},
+                        "percent": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 100,
+                            "description": "The engine's work done: an image counts half "
+                            "when handed over, half when the engine has registered it",
+                        },
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "The stack's images the engine has, loaded or kept",
+                        },
+                        "imagesDone": {"type": "integer", "minimum": 0},
+                        "imagesTotal": {"type": "integer", "minimum": 0},
+                        "image": {
+                            "type": "string",
+                            "nullable": True,
+                            "description": "The image being loaded",
+                        },
                     },
                 },
             }

@@ -1,8 +1,12 @@
-"""The unlock workflow: log in, fetch the archive's key fragment, stream-decrypt the archive
-into Docker, check that the whole stack is there. One at a time, in the background.
+"""The unlock workflow: log in, fetch the archive's key fragment, index the archive from its
+tar headers, then load the stack into the engine image by image, each as its own small tar
+holding only the layers the engine lacks, and check each image's ID. One at a time, in the
+background.
 
-Nothing decrypted is ever written to disk by the loader: plaintext exists only in the
-chunks handed to the Docker SDK, which streams them to the engine.
+An unlock cut short (a power cut, the engine stopping, a bad image) keeps the images it
+completed, each whole under its tag with the archive's ID: the next one sends only what is
+missing. Nothing decrypted is ever written to disk by the loader: plaintext exists only in
+the chunks handed to the Docker SDK, which streams them to the engine.
 """
 
 from __future__ import annotations
@@ -18,11 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loader.crypto import BLOCK, Decryptor, key_from_fragment, plaintext_size
+from loader.archive import (
+    EncryptedArchive,
+    Image,
+    index_members,
+    layers_present,
+    oci_image_tar,
+    read_images,
+)
+from loader.crypto import BLOCK, key_from_fragment
 from loader.errors import (
     ArchiveMissing,
     ArchiveUnreadable,
     DecryptionFailed,
+    DockerFailed,
     InsufficientStorage,
     LoaderError,
 )
@@ -36,9 +49,8 @@ log = logging.getLogger(__name__)
 
 # Measured here (bench/ row 4b): 256 KiB reads decrypt fastest.
 CHUNK = 256 * 1024
-# Docker spools the whole tarball to its data root, then unpacks the layers beside it:
-# measured at exactly twice the archive (bench/ row 3d), plus room to spare.
-SPACE_FACTOR = 2
+# Docker spools each image's tar to its data root, then unpacks its layers beside it: it
+# needs the layers it lacks, plus the largest image's tar at once, plus room to spare.
 SPACE_MARGIN = 256 * 1000**2
 
 
@@ -60,13 +72,35 @@ class Cancelled(LoaderError):
 
 @dataclass
 class _Progress:
-    """Written by the loading thread, read by the event loop: plain ints and a list, no locks."""
+    """Written by the loading thread, read by the event loop: plain ints and a list, no locks.
+
+    `bytes_done` of `bytes_total` are handed to the engine; `bytes_loaded` of them belong to
+    images it has finished registering, which is where most of an unlock's time goes.
+    """
 
     state: UnlockState = UnlockState.IDLE
     error: str | None = None
     bytes_done: int = 0
     bytes_total: int = 0
+    bytes_loaded: int = 0
     images: list[str] = field(default_factory=list)
+    images_total: int = 0
+    image: str | None = None
+
+
+@dataclass(frozen=True)
+class _Send:
+    """An image to load: its tag, and the digests of the layers the engine has already."""
+
+    tag: str
+    image: Image
+    present: frozenset[str]
+
+    @property
+    def size(self) -> int:
+        return self.image.size - sum(
+            layer.member.size for layer in self.image.layers if layer.digest in self.present
+        )
 
 
 class Unlocker:
@@ -100,8 +134,11 @@ class Unlocker:
             "error": p.error,
             "bytesDone": p.bytes_done,
             "bytesTotal": p.bytes_total,
-            "percent": _percent(p.bytes_done, p.bytes_total),
+            "percent": _percent(p),
             "images": list(p.images),
+            "imagesDone": len(p.images),
+            "imagesTotal": p.images_total,
+            "image": p.image,
         }
 
     async def start(self, email: str, password: str) -> UnlockState:
@@ -167,43 +204,75 @@ class Unlocker:
 
         progress.state = UnlockState.DECRYPTING
         self._report(progress)
-        archive = settings.images_path
-        size = await asyncio.to_thread(_check_archive, archive, key)
-        progress.bytes_total = size
-        await asyncio.to_thread(self._check_space, size)
-
-        progress.state = UnlockState.LOADING_IMAGES
-        self._report(progress)
         tags = stack_tags(settings.api_version)
-        before = await asyncio.to_thread(self._docker.tags)
-        log.info("unlock: streaming %s (%s) into Docker", archive, _gb(size))
+        archive = await asyncio.to_thread(_open_archive, settings.images_path, key)
         try:
-            await asyncio.to_thread(self._load, archive, key, progress)
-            missing = await asyncio.to_thread(self._docker.missing, tags)
-            if missing:
-                raise DecryptionFailed(
-                    f"the archive was loaded, but Docker still lacks {', '.join(missing)}"
-                )
-        except BaseException:
-            await asyncio.shield(asyncio.to_thread(self._undo, before))
-            raise
+            sends = await asyncio.to_thread(self._plan, archive, tags)
+            progress.images = [tag for tag in tags if tag not in {send.tag for send in sends}]
+            progress.images_total = len(tags)
+            progress.bytes_total = sum(send.size for send in sends)
+            await asyncio.to_thread(self._check_space, sends)
+
+            progress.state = UnlockState.LOADING_IMAGES
+            self._report(progress)
+            log.info(
+                "unlock: loading %d of %d images (%s) from %s",
+                len(sends),
+                len(tags),
+                _gb(progress.bytes_total),
+                settings.images_path,
+            )
+            for send in sends:
+                await asyncio.to_thread(self._load_image, archive, send, progress)
+        finally:
+            progress.image = None
+            await asyncio.shield(asyncio.to_thread(archive.close))
         self._finish_ready(tags)
 
-    def _load(self, archive: Path, key: bytes, progress: _Progress) -> None:
-        """In a worker thread: read, decrypt and hand the plaintext to Docker, chunk by chunk."""
+    def _plan(self, archive: EncryptedArchive, tags: list[str]) -> list[_Send]:
+        """In a worker thread: what to load, from the archive's index and the engine's images.
+
+        An image the engine has under its tag with the archive's ID is kept; each other one
+        is sent with the layers the engine will have by then left out.
+        """
+        engine = self._docker.inspect(tags)  # first: an engine that is away says so at once
+        images: dict[str, Image] = {}
+        for image in read_images(archive, index_members(archive)):
+            images.update((tag, image) for tag in image.tags)
+        lacking = [tag for tag in tags if tag not in images]
+        if lacking:
+            raise DecryptionFailed(
+                f"the archive does not hold {', '.join(lacking)}: it is not the archive of "
+                f"this stack at {self._settings.api_version}; nothing was loaded"
+            )
+        layers = [each.layers for each in engine.values()]
+        sends = []
+        for tag in tags:
+            image = images[tag]
+            if tag in engine and engine[tag].id == image.id:
+                continue
+            sends.append(_Send(tag, image, frozenset(layers_present(image, layers))))
+            layers.append(tuple(layer.digest for layer in image.layers))
+        return sends
+
+    def _load_image(self, archive: EncryptedArchive, send: _Send, progress: _Progress) -> None:
+        """In a worker thread: one image into the engine, then its ID checked."""
         loop = self._loop
         assert loop is not None, "set by start()"
 
         def report() -> None:
             loop.call_soon_threadsafe(self._report, progress)
 
-        def loaded(tag: str) -> None:
-            progress.images.append(tag)
-            report()
-
-        source = _DecryptedArchive(archive, key, progress, self._cancel, report)
+        progress.image = send.tag
+        report()
+        started = progress.bytes_done
+        source = _ImageStream(archive, send, progress, self._cancel, report)
         try:
-            self._docker.load(iter(source), on_loaded=loaded)
+            self._docker.load(iter(source), on_loaded=lambda tag: None)
+        except DockerFailed as exc:
+            if source.error is not None:
+                raise source.error from None
+            raise DockerFailed(f"{exc.message} (loading {send.tag})") from None
         except BaseException:
             # The SDK wraps what our generator raised (an OSError becomes a ConnectionError):
             # the generator's own error says what really went wrong.
@@ -212,28 +281,35 @@ class Unlocker:
             raise
         if source.error is not None:
             raise source.error
+        engine = self._docker.inspect([send.tag]).get(send.tag)
+        if engine is None or engine.id != send.image.id:
+            if engine is not None:
+                self._docker.remove([send.tag])
+            raise DockerFailed(
+                f"Docker loaded {send.tag} but holds {engine.id if engine else 'no such image'}, "
+                f"not the archive's {send.image.id}"
+            )
+        progress.bytes_done = started + send.size
+        progress.bytes_loaded += send.size
+        progress.images.append(send.tag)
+        log.info(
+            "unlock: %s loaded (%d of %d)", send.tag, len(progress.images), progress.images_total
+        )
+        report()
 
-    def _check_space(self, size: int) -> None:
+    def _check_space(self, sends: list[_Send]) -> None:
         seen = self._docker.free_space()
         if seen is None:
             log.info("cannot see Docker's data root from here: not checking its free space")
             return
         root, free = seen
-        needed = SPACE_FACTOR * size + SPACE_MARGIN
+        layers = sum(send.size for send in sends)
+        needed = layers + max((send.size for send in sends), default=0) + SPACE_MARGIN
         if free < needed:
             raise InsufficientStorage(
-                f"Docker needs about {_gb(needed)} free under {root} to load {_gb(size)} of "
-                f"images (it spools the archive, then unpacks it), but only {_gb(free)} is free"
+                f"Docker needs about {_gb(needed)} free under {root} to load {_gb(layers)} of "
+                f"images (it spools each image, then unpacks it), but only {_gb(free)} is free"
             )
-
-    def _undo(self, before: set[str]) -> None:
-        """Remove the stack's tags this attempt added: never leave half a stack behind."""
-        try:
-            added = (self._docker.tags() - before) & set(stack_tags(self._settings.api_version))
-        except LoaderError as exc:
-            log.warning("could not check what the failed load added: %s", exc.message)
-            return
-        self._docker.remove(sorted(added))
 
     def _finish_ready(self, tags: list[str]) -> None:
         p = self._progress
@@ -259,103 +335,88 @@ class Unlocker:
             self._notifier.status(_status_line(progress))
 
 
-class _DecryptedArchive:
-    """The archive's plaintext as an iterator of chunks, for the Docker SDK's chunked upload.
+class _ImageStream:
+    """One image's tar as an iterator of chunks, for the Docker SDK's chunked upload.
 
     It keeps its own error: the SDK wraps or replaces exceptions raised inside a body.
     """
 
     def __init__(
         self,
-        path: Path,
-        key: bytes,
+        archive: EncryptedArchive,
+        send: _Send,
         progress: _Progress,
         cancel: threading.Event,
         on_percent: Callable[[], None],
     ) -> None:
-        self._path = path
-        self._key = key
+        self._archive = archive
+        self._send = send
         self._progress = progress
         self._cancel = cancel
         self._on_percent = on_percent
         self.error: LoaderError | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        decryptor = Decryptor(self._key)
         progress = self._progress
-        percent = 0
+        percent = _percent(progress)
         try:
-            buffer = bytearray(CHUNK)
-            view = memoryview(buffer)
-            with open(self._path, "rb", buffering=0) as archive:
-                while count := archive.readinto(buffer):
-                    if self._cancel.is_set():
-                        raise Cancelled("stopped: the daemon shut down during the unlock")
-                    plain = decryptor.update(view[:count])
-                    progress.bytes_done += count
-                    if progress.bytes_done * 100 // progress.bytes_total > percent:
-                        percent = progress.bytes_done * 100 // progress.bytes_total
-                        self._on_percent()
-                    if plain:
-                        yield plain
-            # The last block is released only when the padding checks out: a wrong key or a
-            # damaged archive aborts the upload before its end, so Docker commits nothing.
-            yield decryptor.finalize()
-        except DecryptionFailed:
-            self.error = DecryptionFailed(
-                "the archive could not be decrypted: wrong key fragment, or the archive is "
-                "damaged or truncated"
-            )
-            raise self.error from None
+            for chunk in oci_image_tar(self._archive, self._send.image, self._send.present, CHUNK):
+                if self._cancel.is_set():
+                    raise Cancelled("stopped: the daemon shut down during the unlock")
+                progress.bytes_done += len(chunk)
+                if _percent(progress) >= percent + 1:
+                    percent = _percent(progress)
+                    self._on_percent()
+                yield chunk
+        except DecryptionFailed as exc:
+            self.error = exc
+            raise
         except OSError as exc:
-            self.error = ArchiveUnreadable(f"cannot read the archive {self._path}: {exc.strerror}")
+            self.error = ArchiveUnreadable(f"cannot read the archive: {exc.strerror}")
             raise self.error from None
         except Cancelled as exc:
             self.error = exc
             raise
 
 
-def _check_archive(path: Path, key: bytes) -> int:
-    """The archive's size, once its tail shows that `key` decrypts it (PKCS7 padding checks)."""
+def _open_archive(path: Path, key: bytes) -> EncryptedArchive:
+    """The archive, once its tail shows that `key` decrypts it (PKCS7 padding checks)."""
     try:
         # A FIFO or a device would block open() or read forever.
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise ArchiveUnreadable(f"cannot read the archive {path}: not a regular file")
-        with open(path, "rb") as archive:
-            size = os.fstat(archive.fileno()).st_size
-            if size < 3 * BLOCK:
-                raise DecryptionFailed(
-                    f"the archive {path} is too short ({size} bytes) to hold images"
-                )
-            archive.seek(size - 2 * BLOCK)
-            tail = archive.read(2 * BLOCK)
+        if os.stat(path).st_size < 3 * BLOCK:
+            raise DecryptionFailed(f"the archive {path} is too short to hold images")
+        return EncryptedArchive.open(path, key)
     except FileNotFoundError:
         raise ArchiveMissing(f"no image archive at {path}") from None
     except OSError as exc:
         raise ArchiveUnreadable(f"cannot read the archive {path}: {exc.strerror}") from None
-    try:
-        plaintext_size(key, size, tail)
-    except DecryptionFailed:
+    except DecryptionFailed as exc:
+        if "too short" in exc.message:
+            raise
         raise DecryptionFailed(
             "the archive could not be decrypted: wrong key fragment, or the archive is "
             "damaged or truncated"
         ) from None
-    return size
 
 
 def _status_line(p: _Progress) -> str:
     if p.state is UnlockState.LOADING_IMAGES and p.bytes_total:
-        if p.bytes_done < p.bytes_total:
-            return (
-                f"Unlocking: loading images {_percent(p.bytes_done, p.bytes_total):.0f}% "
-                f"({p.bytes_done / 1e9:.1f} of {_gb(p.bytes_total)})"
-            )
-        return f"Unlocking: Docker is registering the images ({len(p.images)} loaded)"
+        return (
+            f"Unlocking: loading image {min(len(p.images) + 1, p.images_total)} of "
+            f"{p.images_total}, {_percent(p):.0f}% ({p.bytes_done / 1e9:.1f} of "
+            f"{_gb(p.bytes_total)})"
+        )
     return f"Unlocking: {p.state.value.replace('_', ' ')}"
 
 
-def _percent(done: int, total: int) -> float:
-    return round(100 * done / total, 1) if total else 0.0
+def _percent(p: _Progress) -> float:
+    """The share of the engine's work done: an image's bytes count half when handed over
+    and half when the engine has registered them, which takes longer than the sending."""
+    if not p.bytes_total:
+        return 100.0 if p.state is UnlockState.READY else 0.0
+    return round(50 * (p.bytes_done + p.bytes_loaded) / p.bytes_total, 1)
 
 
 def _gb(size: int) -> str:

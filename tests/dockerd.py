@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -573,3 +574,50 @@ def write_plain_tar(
 
     _write_atomically(Path(path), plain())
     return ArchiveInfo(Path(path), size, digest.hexdigest())
+
+
+def tar_of(files: dict[str, bytes], form: int = tarfile.GNU_FORMAT) -> bytes:
+    """A tar holding `files`, as Python's tarfile writes it in `form`."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=form) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = _MTIME
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def layer_tar(name: str, size: int) -> bytes:
+    """A layer: one file of `size` random bytes under opt/NAME/."""
+    return tar_of({f"opt/{name}/payload.bin": os.urandom(size)})
+
+
+def legacy_save(images: dict[str, list[bytes]], diff_ids_lie: bool = False) -> bytes:
+    """A `docker save` tar in the legacy layout (Docker <= 24): `<id>/layer.tar`,
+    `<config digest>.json` and `manifest.json`, for images tagged by the keys. With
+    `diff_ids_lie`, each config names digests its layers do not have: Docker refuses it."""
+    files: dict[str, bytes] = {}
+    manifest = []
+    for tag, layers in images.items():
+        diff_ids = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]
+        paths = []
+        for layer, diff_id in zip(layers, diff_ids, strict=True):
+            path = diff_id.removeprefix("sha256:") + "/layer.tar"
+            files[path] = layer
+            paths.append(path)
+        if diff_ids_lie:
+            diff_ids = ["sha256:" + hashlib.sha256(d.encode()).hexdigest() for d in diff_ids]
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Labels": {"tag": tag}},
+                "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            }
+        ).encode()
+        config_name = hashlib.sha256(config).hexdigest() + ".json"
+        files[config_name] = config
+        manifest.append({"Config": config_name, "RepoTags": [tag], "Layers": paths})
+    files["manifest.json"] = json.dumps(manifest).encode()
+    return tar_of(files)

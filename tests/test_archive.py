@@ -4,9 +4,6 @@ engine loads, thin where it has the layers already."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 import tarfile
 from collections.abc import Iterator
@@ -33,20 +30,17 @@ from loader.crypto import encrypt, key_from_fragment
 from loader.errors import DecryptionFailed, DockerFailed
 from loader.images import Docker
 from tests.conftest import ARCHIVE_FRAGMENT
-from tests.dockerd import ArchiveInfo, PrivateDockerd, remove_images
+from tests.dockerd import (
+    ArchiveInfo,
+    PrivateDockerd,
+    layer_tar,
+    legacy_save,
+    remove_images,
+    tar_of,
+)
 
 KEY = key_from_fragment(ARCHIVE_FRAGMENT)
 MiB = 1 << 20
-
-
-def tar_of(files: dict[str, bytes], form: int = tarfile.GNU_FORMAT) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=form) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 def encrypted_file(tmp_path: Path, plaintext: bytes, key: bytes = KEY) -> Path:
@@ -148,37 +142,6 @@ def test_a_blob_that_is_not_a_tar_is_damaged(tmp_path: Path, opened: Any) -> Non
 
 
 # ---- images, and the engine ----------------------------------------------------------
-
-
-def layer_tar(name: str, size: int) -> bytes:
-    return tar_of({f"opt/{name}/payload.bin": os.urandom(size)})
-
-
-def legacy_save(images: dict[str, list[bytes]]) -> bytes:
-    """A `docker save` tar in the legacy layout (Docker <= 24): `<id>/layer.tar`,
-    `<config digest>.json` and `manifest.json`, for images tagged by the keys."""
-    files: dict[str, bytes] = {}
-    manifest = []
-    for tag, layers in images.items():
-        diff_ids = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers]
-        paths = []
-        for layer, diff_id in zip(layers, diff_ids, strict=True):
-            path = diff_id.removeprefix("sha256:") + "/layer.tar"
-            files[path] = layer
-            paths.append(path)
-        config = json.dumps(
-            {
-                "architecture": "amd64",
-                "os": "linux",
-                "config": {"Labels": {"tag": tag}},
-                "rootfs": {"type": "layers", "diff_ids": diff_ids},
-            }
-        ).encode()
-        config_name = hashlib.sha256(config).hexdigest() + ".json"
-        files[config_name] = config
-        manifest.append({"Config": config_name, "RepoTags": [tag], "Layers": paths})
-    files["manifest.json"] = json.dumps(manifest).encode()
-    return tar_of(files)
 
 
 @pytest.fixture

@@ -199,7 +199,9 @@ async def test_unlock_prints_plain_lines_when_not_a_terminal(
     lines = result.out.splitlines()
     assert "\r" not in result.out
     assert lines[-1] == "unlock: ready: 7 images loaded"
-    assert any(line.startswith("unlock: loading images ") for line in lines), lines
+    assert any(line.startswith("unlock: loading image ") and " of 7 " in line for line in lines), (
+        lines
+    )
     assert len(lines) <= 20, lines  # per stage or per 10%, not per poll
 
 

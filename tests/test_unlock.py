@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from loader.archive import EncryptedArchive, index_members, read_images
 from loader.crypto import encrypt, key_from_fragment
 from loader.settings import Settings
 from tests.conftest import (
@@ -34,6 +35,7 @@ from tests.dockerd import (
     ArchiveInfo,
     PrivateDockerd,
     build_stack_images,
+    image_ids,
     present_images,
     remove_images,
     write_archive,
@@ -100,6 +102,9 @@ async def test_unlock_loads_all_seven_images(
         "bytesTotal": 0,
         "percent": 0.0,
         "images": [],
+        "imagesDone": 0,
+        "imagesTotal": 0,
+        "image": None,
     }
     status, body = await post_unlock(app)
     assert (status, body) == (200, {"state": "authenticating"})
@@ -107,8 +112,10 @@ async def test_unlock_loads_all_seven_images(
     assert final["state"] == "ready", final
     assert final["error"] is None
     assert sorted(final["images"]) == sorted(no_stack_images)
-    assert final["bytesDone"] == final["bytesTotal"] == image_archive.size
-    assert final["percent"] == 100.0
+    # What was sent: the images' configs and layers, not the archive's own tar framing.
+    assert 0 < final["bytesDone"] == final["bytesTotal"] < image_archive.plaintext_size
+    assert (final["percent"], final["imagesDone"], final["imagesTotal"]) == (100.0, 7, 7)
+    assert final["image"] is None
     assert sorted(present_images(private_dockerd, no_stack_images)) == sorted(no_stack_images)
     # The unlock's credentials are now the daemon's.
     async with app.session.get(app.url("/status")) as resp:
@@ -242,7 +249,14 @@ async def test_damaged_archive_is_an_error_and_leaves_no_image(
     assert present_images(private_dockerd, no_stack_images) == []
 
 
-async def test_a_flipped_byte_is_an_error_and_leaves_no_image(
+def archive_ids(path: Path) -> dict[str, str]:
+    """Each stack tag's image ID as the archive gives it."""
+    with EncryptedArchive.open(path, key_from_fragment(ARCHIVE_FRAGMENT)) as archive:
+        images = read_images(archive, index_members(archive))
+    return {tag: image.id for image in images for tag in image.tags}
+
+
+async def test_a_flipped_byte_stops_at_its_image_and_the_next_unlock_resumes(
     start: Start,
     private_dockerd: PrivateDockerd,
     big_archive: ArchiveInfo,
@@ -257,7 +271,23 @@ async def test_a_flipped_byte_is_an_error_and_leaves_no_image(
     failed = await settled(app)
     assert failed["state"] == "error"
     assert "Docker refused the images" in failed["error"]
-    assert present_images(private_dockerd, no_stack_images) == []
+    kept = present_images(private_dockerd, no_stack_images)
+    damaged = failed["error"].rpartition("(loading ")[2].rstrip(")")
+    assert damaged in no_stack_images
+    assert damaged not in kept
+    assert sorted(kept) == sorted(failed["images"])
+    assert len(kept) == failed["imagesDone"] < 7
+    # What was completed is whole, under its tag, with the archive's ID.
+    ids = archive_ids(big_archive.path)
+    assert image_ids(private_dockerd, kept) == {tag: ids[tag] for tag in kept}
+
+    app = await start(images_path=big_archive.path)
+    await post_unlock(app)
+    final = await settled(app)
+    assert final["state"] == "ready", final
+    assert image_ids(private_dockerd, no_stack_images) == ids
+    # Only what was missing was sent.
+    assert final["bytesTotal"] < big_archive.plaintext_size - len(kept) * 40 * 2**20
 
 
 async def test_unreadable_archive(start: Start, no_stack_images: list[str], tmp_path: Path) -> None:
@@ -278,7 +308,7 @@ async def test_docker_down(start: Start, short_dir: Path) -> None:
     assert "Docker" in failed["error"]
 
 
-async def test_docker_rejects_the_archive(
+async def test_an_archive_that_is_not_a_docker_save_never_reaches_docker(
     start: Start, private_dockerd: PrivateDockerd, no_stack_images: list[str], tmp_path: Path
 ) -> None:
     not_a_tar = tmp_path / "junk.enc"
@@ -287,10 +317,11 @@ async def test_docker_rejects_the_archive(
     await post_unlock(app)
     failed = await settled(app)
     assert failed["state"] == "error"
-    assert "Docker refused the images" in failed["error"]
+    assert "not a docker save tar" in failed["error"]
+    assert failed["bytesDone"] == 0
 
 
-async def test_an_image_missing_after_the_load_undoes_the_rest(
+async def test_an_archive_without_an_image_of_the_stack_loads_nothing(
     start: Start,
     private_dockerd: PrivateDockerd,
     no_stack_images: list[str],
@@ -304,7 +335,7 @@ async def test_an_image_missing_after_the_load_undoes_the_rest(
     await post_unlock(app)
     failed = await settled(app)
     assert failed["state"] == "error"
-    assert f"still lacks {no_stack_images[-1]}" in failed["error"]
+    assert f"the archive does not hold {no_stack_images[-1]}" in failed["error"]
     assert present_images(private_dockerd, no_stack_images) == []
 
 
@@ -400,9 +431,11 @@ async def test_status_lines_reach_systemd(
     seen: list[str] = []
     while not any(line.startswith("STATUS=Ready") for line in seen):
         seen.extend((await notify.next(timeout=120)).split("\n"))
-    progress = [line for line in seen if line.startswith("STATUS=Unlocking: loading images ")]
+    progress = [line for line in seen if line.startswith("STATUS=Unlocking: loading image ")]
     assert progress, seen
+    assert progress[0].startswith("STATUS=Unlocking: loading image 1 of 7, ")
     assert progress[0].endswith(" GB)")
+    assert any(line.startswith("STATUS=Unlocking: loading image 7 of 7, ") for line in seen)
     assert "STATUS=Ready: 7 images at latest" in seen
     code, err = await stop(proc)
     assert code == 0, err

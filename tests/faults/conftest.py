@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 
+from loader.archive import EncryptedArchive, index_members, read_images
+from loader.crypto import key_from_fragment
 from loader.settings import Settings
 from tests.conftest import (
     ARCHIVE_FRAGMENT,
@@ -43,6 +45,7 @@ from tests.dockerd import (
     ArchiveInfo,
     PrivateDockerd,
     build_stack_images,
+    image_ids,
     present_images,
     remove_images,
     stack_tags,
@@ -246,6 +249,13 @@ def _probes(plaintext: bytes) -> list[bytes]:
     return [plaintext[:size], plaintext[middle : middle + size], plaintext[-size:]]
 
 
+def archive_ids(path: Path) -> dict[str, str]:
+    """Each tag's image ID as the encrypted image archive gives it."""
+    with EncryptedArchive.open(path, key_from_fragment(ARCHIVE_FRAGMENT)) as archive:
+        images = read_images(archive, index_members(archive))
+    return {tag: image.id for image in images for tag in image.tags}
+
+
 def files_under(*roots: Path) -> list[Path]:
     found: list[Path] = []
     for root in roots:
@@ -291,15 +301,29 @@ def cache_mismatches(cache: Path, emulator: Emulator) -> list[str]:
     return problems
 
 
-def half_stack(dockerd: PrivateDockerd | None, images: bool | None = None) -> list[str]:
-    """Half a stack in Docker; `images` True: all seven expected, False: none."""
+def half_stack(
+    dockerd: PrivateDockerd | None, images: bool | None = None, archive: Path | None = None
+) -> list[str]:
+    """Half a stack in Docker; `images` True: all seven expected, False: none, None: all or
+    none. With an `archive`, each image there must have the archive's ID, and with `images`
+    None any part of the stack may be there (an unlock cut short keeps what it completed)."""
     if dockerd is None:
         return []
     present = present_images(dockerd, STACK)
+    problems = []
+    if archive is not None:
+        expected = archive_ids(archive)
+        for tag, found in image_ids(dockerd, present).items():
+            if found != expected[tag]:
+                problems.append(f"Docker holds {tag} as {found}, not as {expected[tag]}")
+        if images is None:
+            return problems
     if images is None and len(present) in (0, len(STACK)):
-        return []
-    expected = STACK if images else []
-    return [] if present == expected else [f"Docker holds {present}, expected {expected}"]
+        return problems
+    expected_tags = STACK if images else []
+    if present != expected_tags:
+        problems.append(f"Docker holds {present}, expected {expected_tags}")
+    return problems
 
 
 @dataclass
@@ -318,17 +342,21 @@ class Scene:
         self.clients.append(client)
         return client
 
-    async def assert_after(self, *plaintexts: bytes, images: bool | None = None) -> None:
+    async def assert_after(
+        self, *plaintexts: bytes, images: bool | None = None, archive: Path | None = None
+    ) -> None:
         """(2) still serving, and (3) nothing partial, stale, decrypted or half-loaded left."""
         async with Client(self.socket) as probe:
             await probe.health()
-        self.assert_clean(*plaintexts, images=images)
+        self.assert_clean(*plaintexts, images=images, archive=archive)
 
-    def assert_clean(self, *plaintexts: bytes, images: bool | None = None) -> None:
+    def assert_clean(
+        self, *plaintexts: bytes, images: bool | None = None, archive: Path | None = None
+    ) -> None:
         """(3) alone, for a daemon that has stopped."""
         problems = leftovers(self.cache, self.scratch, plaintexts)
         problems += cache_mismatches(self.cache, self.emulator)
-        problems += half_stack(self.dockerd, images)
+        problems += half_stack(self.dockerd, images, archive)
         assert not problems, "\n".join(problems)
 
     async def close(self) -> None:

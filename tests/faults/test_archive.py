@@ -139,7 +139,16 @@ async def test_one_flipped_byte(
     failed = await client.settled()
     assert failed["state"] == "error", failed
     assert "Docker refused the images" in failed["error"], failed
-    await scene.assert_after(images=False)
+    assert failed["imagesDone"] < 7, failed
+    # The images before the damaged one stay, whole and right: the next unlock resumes.
+    await scene.assert_after(archive=large_archive.path)
+    scene = await start_app(private_dockerd, images_path=large_archive.path)
+    client = scene.client()
+    assert (await client.unlock())[0] == 200
+    final = await client.settled()
+    assert final["state"] == "ready", final
+    assert final["bytesTotal"] < large_archive.plaintext_size * (7 - failed["imagesDone"]) / 6
+    await scene.assert_after(images=True, archive=large_archive.path)
 
 
 async def test_wrong_fragment(

@@ -10,7 +10,7 @@ import pytest
 
 from loader.crypto import encrypt, key_from_fragment
 from tests.conftest import ARCHIVE_FRAGMENT
-from tests.dockerd import ArchiveInfo, PrivateDockerd, present_images
+from tests.dockerd import ArchiveInfo, PrivateDockerd, layer_tar, legacy_save, present_images
 from tests.faults.conftest import STACK, StartApp, StartDaemon, assert_clear_error
 
 
@@ -61,13 +61,14 @@ async def test_docker_killed_in_the_middle_of_a_load_then_back(
     assert "Docker" in failed["error"], failed
     await client.health()
     dockerd_back.start()
-    # The aborted load left nothing behind in Docker.
-    assert present_images(dockerd_back, STACK) == []
-    await scene.assert_after(images=False)
+    # What the cut load completed is whole and right; the image it was in is not there.
+    await scene.assert_after(archive=large_archive.path)
+    kept = present_images(dockerd_back, STACK)
+    assert len(kept) < len(STACK)
     assert (await client.unlock())[0] == 200
     final = await client.settled()
     assert final["state"] == "ready", final
-    await scene.assert_after(images=True)
+    await scene.assert_after(images=True, archive=large_archive.path)
 
 
 @pytest.mark.docker
@@ -77,11 +78,15 @@ async def test_a_load_that_docker_rejects(
     no_stack_images: list[str],
     tmp_path: Path,
 ) -> None:
-    archive = junk_archive(tmp_path / "junk.enc")
+    """A docker save tar of the stack whose configs name layers it does not hold."""
+    lying = legacy_save({tag: [layer_tar(tag, 4096)] for tag in STACK}, diff_ids_lie=True)
+    archive = tmp_path / "lying.enc"
+    archive.write_bytes(encrypt(key_from_fragment(ARCHIVE_FRAGMENT), lying))
     scene = await start_app(private_dockerd, images_path=archive)
     client = scene.client()
     assert (await client.unlock())[0] == 200
     failed = await client.settled()
     assert failed["state"] == "error", failed
     assert "Docker refused the images" in failed["error"], failed
+    assert f"(loading {STACK[0]})" in failed["error"], failed
     await scene.assert_after(images=False)
