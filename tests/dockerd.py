@@ -593,6 +593,61 @@ def layer_tar(name: str, size: int) -> bytes:
     return tar_of({f"opt/{name}/payload.bin": os.urandom(size)})
 
 
+def oci_save(images: dict[str, list[bytes]]) -> bytes:
+    """A `docker save` tar in the OCI layout of Docker >= 25: `oci-layout`, `index.json`,
+    `blobs/sha256/...`, and a `manifest.json` whose paths point into `blobs/`."""
+    files: dict[str, bytes] = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}'}
+    manifest = []
+    index = []
+
+    def blob(data: bytes) -> tuple[str, str]:
+        digest = hashlib.sha256(data).hexdigest()
+        files[f"blobs/sha256/{digest}"] = data
+        return f"sha256:{digest}", f"blobs/sha256/{digest}"
+
+    for tag, layers in images.items():
+        described = [(*blob(layer), len(layer)) for layer in layers]
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Labels": {"tag": tag}},
+                "rootfs": {"type": "layers", "diff_ids": [d for d, _, _ in described]},
+            }
+        ).encode()
+        config_digest, config_path = blob(config)
+        image_manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest,
+                    "size": len(config),
+                },
+                "layers": [
+                    {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": n}
+                    for d, _, n in described
+                ],
+            }
+        ).encode()
+        manifest_digest, _ = blob(image_manifest)
+        index.append(
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest,
+                "size": len(image_manifest),
+                "annotations": {"io.containerd.image.name": f"docker.io/{tag}"},
+            }
+        )
+        manifest.append(
+            {"Config": config_path, "RepoTags": [tag], "Layers": [p for _, p, _ in described]}
+        )
+    files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": index}).encode()
+    files["manifest.json"] = json.dumps(manifest).encode()
+    return tar_of(files)
+
+
 def legacy_save(images: dict[str, list[bytes]], diff_ids_lie: bool = False) -> bytes:
     """A `docker save` tar in the legacy layout (Docker <= 24): `<id>/layer.tar`,
     `<config digest>.json` and `manifest.json`, for images tagged by the keys. With

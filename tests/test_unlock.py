@@ -36,6 +36,9 @@ from tests.dockerd import (
     PrivateDockerd,
     build_stack_images,
     image_ids,
+    layer_tar,
+    legacy_save,
+    oci_save,
     present_images,
     remove_images,
     write_archive,
@@ -43,6 +46,7 @@ from tests.dockerd import (
 from tests.emulator import FaultRule
 
 pytestmark = pytest.mark.docker
+MiB = 1 << 20
 
 Start = Callable[..., Any]
 
@@ -337,6 +341,30 @@ async def test_an_archive_without_an_image_of_the_stack_loads_nothing(
     assert failed["state"] == "error"
     assert f"the archive does not hold {no_stack_images[-1]}" in failed["error"]
     assert present_images(private_dockerd, no_stack_images) == []
+
+
+@pytest.mark.parametrize("layout", ["legacy", "oci"])
+async def test_a_stack_on_a_shared_base_sends_the_base_once(
+    start: Start,
+    private_dockerd: PrivateDockerd,
+    no_stack_images: list[str],
+    tmp_path: Path,
+    layout: str,
+) -> None:
+    """Both layouts of docker save: Docker <= 24's `<id>/layer.tar`, and the OCI layout of
+    Docker >= 25, whose manifest.json points into blobs/."""
+    base = layer_tar("base", 4 * MiB)
+    stack = {tag: [base, layer_tar(tag, 256 * 1024)] for tag in no_stack_images}
+    plaintext = (oci_save if layout == "oci" else legacy_save)(stack)
+    archive = tmp_path / "images.enc"
+    archive.write_bytes(encrypt(key_from_fragment(ARCHIVE_FRAGMENT), plaintext))
+    app = await start(images_path=archive)
+    await post_unlock(app)
+    final = await settled(app)
+    assert final["state"] == "ready", final
+    assert image_ids(private_dockerd, no_stack_images) == archive_ids(archive)
+    # The base went once: a bit more than it, and seven small layers.
+    assert 4 * MiB < final["bytesTotal"] < 4 * MiB + 7 * 300 * 1024
 
 
 async def test_fifty_concurrent_unlocks_run_one_workflow(

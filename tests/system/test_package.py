@@ -342,7 +342,9 @@ def test_full_unlock_inside_with_progress_in_systemctl(
         machine.wait_for("the unlock to settle", settled, timeout=180)
         final = json.loads(str(installed.request("GET", "/unlock/status")["body"]))
         assert final["state"] == "ready", (final, machine.journal(SERVICE))
-        assert any(line.startswith("Unlocking: loading images ") for line in seen), seen
+        assert any(
+            line.startswith("Unlocking: loading image ") and " of 7, " in line for line in seen
+        ), seen
         status = machine.run("systemctl", "status", "--no-pager", SERVICE, check=False).stdout
         assert 'Status: "Ready: 7 images at latest"' in status, status
         assert sorted(present_images(private_dockerd, no_stack_images)) == sorted(no_stack_images)
