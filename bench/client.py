@@ -46,6 +46,8 @@ class UnlockRun:
     wall: float = 0.0
     # (seconds since POST /unlock, bytesDone, state) at every poll
     trace: list[tuple[float, int, str]] = field(default_factory=list)
+    # (seconds since POST /unlock, percent) at every poll
+    percents: list[tuple[float, float]] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,6 +67,7 @@ async def drive_unlock(
             status = await _ok(resp, "/unlock/status")
             now = time.perf_counter()
             run.trace.append((now - run.started, int(status["bytesDone"]), str(status["state"])))
+            run.percents.append((now - run.started, float(status.get("percent") or 0)))
             run.status = status
             if status["state"] == "ready":
                 run.wall = now - run.started

@@ -189,6 +189,13 @@ def _sent_at(run: UnlockRun) -> float:
     return next((t for t, done, _ in run.trace if done >= total), run.wall)
 
 
+def _progress_gap(run: UnlockRun) -> float:
+    """The largest gap, in points, between `percent` and the share of the wall time gone."""
+    if run.wall <= 0:
+        return 0.0
+    return max((abs(pct - 100 * t / run.wall) for t, pct in run.percents), default=0.0)
+
+
 def _unlock_rows(
     archive: Archive, floors: list[FloorRun], loads: list[LoaderRun], watch: DiskWatch
 ) -> PartResult:
@@ -196,6 +203,7 @@ def _unlock_rows(
     floor = Spread.of([f.wall for f in floors])
     rss = Spread.of([r.peak_rss for r in loads])
     sent = Spread.of([_sent_at(r.run) for r in loads])
+    gap = Spread.of([_progress_gap(r.run) for r in loads])
     result = PartResult()
     result.rows += [
         Row(
@@ -208,6 +216,14 @@ def _unlock_rows(
             wall.median / floor.median <= 1.10,
             f"unlock {runs(wall, 2)} s; docker load -i {runs(floor, 2)} s; "
             f"whole archive read at {runs(sent, 2)} s",
+        ),
+        Row(
+            "1b",
+            "unlock: largest gap between /unlock/status percent and the share of wall time gone",
+            gap.fmt("points"),
+            target="<= 15 points",
+            met=gap.hi <= 15,
+            runs=f"{runs(gap)} points",
         ),
         Row(
             "2",
