@@ -58,6 +58,8 @@ class Docker:
         self._lock = threading.Lock()
         self._quick: Any = None
         self._loader: Any = None
+        # What the engine at DOCKER_HOST calls itself, once it has answered: errors name it.
+        self.name = "Docker"
 
     def _client(self, *, load: bool) -> Any:
         # Built on first use: with version="auto" the SDK asks the engine for its version,
@@ -74,11 +76,14 @@ class Docker:
                         base_url=self._host, version="auto", timeout=None if load else QUICK_TIMEOUT
                     )
                 except docker.errors.DockerException as exc:
-                    raise DockerUnavailable(f"cannot reach Docker: {_reason(exc)}") from None
+                    raise DockerUnavailable(
+                        f"cannot reach the container engine: {_reason(exc)}"
+                    ) from None
                 if load:
                     self._loader = client
                 else:
                     self._quick = client
+                    self.name = _engine_name(client)
             return client
 
     def _probe(self) -> None:
@@ -94,7 +99,8 @@ class Docker:
             probe.connect(path)
         except OSError as exc:
             raise DockerUnavailable(
-                f"cannot reach Docker at {path}: {exc.strerror or exc} (is docker.service running?)"
+                f"cannot reach the container engine at {path}: {exc.strerror or exc} (is the "
+                "engine DOCKER_HOST names running: docker.service, or podman.socket?)"
             ) from None
         finally:
             probe.close()
@@ -119,14 +125,16 @@ class Docker:
             self.close()
             if isinstance(exc, requests.exceptions.ConnectionError):
                 raise DockerUnavailable(
-                    f"lost Docker while trying to {doing}: {_reason(exc)}"
+                    f"lost {self.name} while trying to {doing}: {_reason(exc)}"
                 ) from exc
             if isinstance(exc, docker.errors.APIError):
-                raise DockerFailed(f"Docker refused to {doing}: {exc.explanation or exc}") from exc
+                raise DockerFailed(
+                    f"{self.name} refused to {doing}: {exc.explanation or exc}"
+                ) from exc
             if isinstance(
                 exc, (docker.errors.DockerException, requests.exceptions.RequestException)
             ):
-                raise DockerUnavailable(f"cannot {doing} with Docker: {_reason(exc)}") from exc
+                raise DockerUnavailable(f"cannot {doing} with {self.name}: {_reason(exc)}") from exc
             raise
 
     def missing(self, tags: Iterable[str]) -> list[str]:
@@ -208,13 +216,23 @@ class Docker:
                 for message in api._stream_helper(response, decode=True):
                     error = _message_error(message)
                     if error:
-                        raise DockerFailed(f"Docker refused the images: {error}")
+                        raise DockerFailed(f"{self.name} refused the images: {error}")
                     stream = str(message.get("stream", ""))
                     if stream.startswith(LOADED_PREFIX):
                         tag = stream[len(LOADED_PREFIX) :].strip()
                         loaded.append(tag)
                         on_loaded(tag)
         return loaded
+
+
+def _engine_name(client: Any) -> str:
+    """ "Podman" for Podman's Docker-compatible API, else "Docker"."""
+    try:
+        components = client.version().get("Components") or []
+    except Exception:
+        return "Docker"
+    names = " ".join(str(component.get("Name", "")) for component in components)
+    return "Podman" if "Podman" in names else "Docker"
 
 
 def _message_error(message: Any) -> str | None:

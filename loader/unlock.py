@@ -286,7 +286,8 @@ class Unlocker:
             if engine is not None:
                 self._docker.remove([send.tag])
             raise DockerFailed(
-                f"Docker loaded {send.tag} but holds {engine.id if engine else 'no such image'}, "
+                f"{self._docker.name} loaded {send.tag} but holds "
+                f"{engine.id if engine else 'no such image'}, "
                 f"not the archive's {send.image.id}"
             )
         progress.bytes_done = started + send.size
@@ -307,7 +308,8 @@ class Unlocker:
         needed = layers + max((send.size for send in sends), default=0) + SPACE_MARGIN
         if free < needed:
             raise InsufficientStorage(
-                f"Docker needs about {_gb(needed)} free under {root} to load {_gb(layers)} of "
+                f"{self._docker.name} needs about {_gb(needed)} free under {root} to load "
+                f"{_gb(layers)} of "
                 f"images (it spools each image, then unpacks it), but only {_gb(free)} is free"
             )
 

@@ -309,7 +309,7 @@ async def test_docker_down(start: Start, short_dir: Path) -> None:
     await post_unlock(app)
     failed = await settled(app)
     assert failed["state"] == "error"
-    assert "Docker" in failed["error"]
+    assert f"cannot reach the container engine at {short_dir}/no-docker.sock" in failed["error"]
 
 
 async def test_an_archive_that_is_not_a_docker_save_never_reaches_docker(

@@ -33,13 +33,13 @@ async def test_docker_absent_at_start(
     assert status == 200, body
     final = await client.settled(timeout=30)
     assert final["state"] == "error", final
-    assert "cannot reach Docker at" in final["error"], final
+    assert "cannot reach the container engine at" in final["error"], final
     assert "Traceback" not in final["error"]
     await daemon.scene.assert_after()
     # Without it, there is nothing to start: Docker's absence is the answer.
     archive.unlink()
     status, body = await client.unlock()
-    assert_clear_error(status, body, 503, "docker-unavailable", "cannot reach Docker")
+    assert_clear_error(status, body, 503, "docker-unavailable", "cannot reach the container engine")
     await daemon.scene.assert_after()
     assert daemon.running
 

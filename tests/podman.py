@@ -1,0 +1,98 @@
+"""A private Podman service for tests: `podman system service` on a socket of its own, with
+its own storage and temporary folder. It serves Podman's Docker-compatible API; no
+container is ever run, so it sets up no network."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tests.dockerd import _ping, _poll
+
+
+class PodmanError(RuntimeError):
+    pass
+
+
+class PrivatePodman:
+    def __init__(self, start_timeout: float = 30.0) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="azl-pm-", dir="/tmp"))
+        self.socket = self.root / "api.sock"
+        # Where Podman spools a load (its TMPDIR): /var/tmp by default.
+        self.tmp = self.root / "tmp"
+        self.log_path = self.root / "podman.log"
+        self.start_timeout = start_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> str | None:
+        if os.geteuid() != 0:
+            return "a private Podman service needs root here"
+        if shutil.which("podman") is None:
+            return "no podman binary (install podman)"
+        return None
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    def command(self) -> list[str]:
+        return [
+            "podman",
+            f"--root={self.root / 'storage'}",
+            f"--runroot={self.root / 'run'}",
+            "--storage-driver=vfs",
+            "--cgroup-manager=cgroupfs",
+            "--events-backend=file",
+            "system",
+            "service",
+            "--time=0",
+            self.host,
+        ]
+
+    def start(self) -> PrivatePodman:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(self.tmp)}
+        env.pop("DOCKER_HOST", None)
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                close_fds=True,
+            )
+        proc = self._proc
+        ready = _poll(lambda: proc.poll() is not None or _ping(self.socket), self.start_timeout)
+        if proc.poll() is not None or not ready:
+            self.stop()
+            raise PodmanError(f"podman system service did not serve:\n{self.log()}")
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        # vfs layers are plain folders; a mount may linger only if a container ran.
+        subprocess.run(
+            ["umount", "-R", "-l", str(self.root / "storage")],
+            check=False,
+            stderr=subprocess.DEVNULL,
+        )
+        shutil.rmtree(self.root, ignore_errors=True)

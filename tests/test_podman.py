@@ -1,0 +1,146 @@
+"""/unlock into Podman (Debian 12's 4.3) through its Docker-compatible API: image by image,
+each ID checked, resumed after a failure, and errors that name the engine at DOCKER_HOST."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loader.crypto import encrypt, key_from_fragment
+from loader.images import Docker
+from loader.settings import Settings
+from tests.conftest import ARCHIVE_FRAGMENT, EMAIL, PASSWORD, LocalApp, skip_or_fail, wait_for
+from tests.dockerd import STACK_NAMES, layer_tar, legacy_save, stack_tags
+from tests.faults.conftest import archive_ids
+from tests.podman import PodmanError, PrivatePodman
+
+MiB = 1 << 20
+STACK = stack_tags("latest", STACK_NAMES)
+
+
+@pytest.fixture(scope="module")
+def podman() -> Iterator[PrivatePodman]:
+    reason = PrivatePodman.available()
+    if reason:
+        skip_or_fail(reason)
+    service = PrivatePodman()
+    try:
+        service.start()
+    except PodmanError as exc:
+        skip_or_fail(f"the private Podman service did not start: {exc}")
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def engine(podman: PrivatePodman) -> Iterator[Docker]:
+    """The loader's own client of the Podman service; the stack removed before and after."""
+    docker = Docker(podman.host)
+    docker.remove(list(docker.inspect(STACK)))
+    yield docker
+    docker.remove(list(docker.inspect(STACK)))
+    docker.close()
+
+
+def stack_layers() -> dict[str, list[bytes]]:
+    """The stack on a shared base: each image the base and a layer of its own."""
+    base = layer_tar("base", 2 * MiB)
+    return {tag: [base, layer_tar(tag, 128 * 1024)] for tag in STACK}
+
+
+def write_stack(path: Path, layers: dict[str, list[bytes]], damaged: str | None = None) -> Path:
+    """The stack encrypted as an archive; `damaged`'s own layer has a byte flipped."""
+    plaintext = bytearray(legacy_save(layers))
+    if damaged is not None:
+        own = layers[damaged][1]
+        plaintext[plaintext.find(own) + len(own) // 2] ^= 0x01
+    path.write_bytes(encrypt(key_from_fragment(ARCHIVE_FRAGMENT), bytes(plaintext)))
+    return path
+
+
+async def unlock(app: LocalApp) -> dict[str, Any]:
+    async with app.session.post(
+        app.url("/unlock"), json={"email": EMAIL, "password": PASSWORD}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+
+    async def settled() -> dict[str, Any] | None:
+        async with app.session.get(app.url("/unlock/status")) as resp:
+            status: dict[str, Any] = await resp.json()
+        return status if status["state"] in ("ready", "error") else None
+
+    result: dict[str, Any] = await wait_for(settled, 120, "the unlock to settle")
+    return result
+
+
+@pytest.fixture
+def start(
+    make_local_app: Callable[[Settings], Any],
+    with_settings: Callable[..., Settings],
+    podman: PrivatePodman,
+) -> Callable[..., Any]:
+    async def start(**changes: Any) -> LocalApp:
+        settings = with_settings(**{"docker_host": podman.host, **changes})
+        app: LocalApp = await make_local_app(settings)
+        return app
+
+    return start
+
+
+async def test_the_stack_loads_into_podman_with_the_archive_ids(
+    start: Callable[..., Any], engine: Docker, tmp_path: Path
+) -> None:
+    archive = write_stack(tmp_path / "images.enc", stack_layers())
+    final = await unlock(await start(images_path=archive))
+    assert final["state"] == "ready", final
+    ids = archive_ids(archive)
+    assert {tag: image.id for tag, image in engine.inspect(STACK).items()} == ids
+    # Thin: the shared base went once.
+    assert final["bytesTotal"] < 2 * MiB + 7 * 160 * 1024
+
+
+async def test_a_failed_unlock_on_podman_keeps_what_it_completed_and_resumes(
+    start: Callable[..., Any], engine: Docker, tmp_path: Path
+) -> None:
+    layers = stack_layers()
+    damaged = write_stack(tmp_path / "damaged.enc", layers, damaged=STACK[3])
+    failed = await unlock(await start(images_path=damaged))
+    assert failed["state"] == "error", failed
+    assert f"(loading {STACK[3]})" in failed["error"], failed
+    kept = engine.inspect(STACK)
+    assert sorted(kept) == sorted(STACK[:3])
+    good = write_stack(tmp_path / "good.enc", layers)
+    ids = archive_ids(good)
+    assert {tag: image.id for tag, image in kept.items()} == {tag: ids[tag] for tag in STACK[:3]}
+
+    final = await unlock(await start(images_path=good))
+    assert final["state"] == "ready", final
+    assert {tag: image.id for tag, image in engine.inspect(STACK).items()} == ids
+    # Only the four missing images went, without the base the engine has.
+    assert final["bytesTotal"] < 4 * 160 * 1024, final
+
+
+async def test_an_engine_away_is_named_as_at_docker_host(
+    start: Callable[..., Any], tmp_path: Path, short_dir: Path
+) -> None:
+    archive = write_stack(tmp_path / "images.enc", stack_layers())
+    away = f"unix://{short_dir}/podman.sock"
+    failed = await unlock(await start(images_path=archive, docker_host=away))
+    assert failed["state"] == "error", failed
+    assert f"cannot reach the container engine at {short_dir}/podman.sock" in failed["error"]
+    assert "podman.socket" in failed["error"]
+
+
+async def test_podman_s_refusals_are_named_podman_s(
+    start: Callable[..., Any], engine: Docker, tmp_path: Path
+) -> None:
+    layers = stack_layers()
+    failed = await unlock(
+        await start(images_path=write_stack(tmp_path / "d.enc", layers, STACK[0]))
+    )
+    assert failed["state"] == "error", failed
+    assert failed["error"].startswith("Podman refused"), failed
+    assert "Docker" not in failed["error"]
