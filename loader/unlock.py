@@ -309,8 +309,8 @@ class Unlocker:
         if free < needed:
             raise InsufficientStorage(
                 f"{self._docker.name} needs about {_gb(needed)} free under {root} to load "
-                f"{_gb(layers)} of "
-                f"images (it spools each image, then unpacks it), but only {_gb(free)} is free"
+                f"{_gb(layers)} of images (it spools each image, then unpacks it), but only "
+                f"{_gb(free)} is free"
             )
 
     def _finish_ready(self, tags: list[str]) -> None:
@@ -361,11 +361,13 @@ class _ImageStream:
     def __iter__(self) -> Iterator[bytes]:
         progress = self._progress
         percent = _percent(progress)
+        # The tar's own headers are not counted: bytesDone stays within bytesTotal.
+        limit = progress.bytes_done + self._send.size
         try:
             for chunk in oci_image_tar(self._archive, self._send.image, self._send.present, CHUNK):
                 if self._cancel.is_set():
                     raise Cancelled("stopped: the daemon shut down during the unlock")
-                progress.bytes_done += len(chunk)
+                progress.bytes_done = min(progress.bytes_done + len(chunk), limit)
                 if _percent(progress) >= percent + 1:
                     percent = _percent(progress)
                     self._on_percent()
@@ -418,7 +420,7 @@ def _percent(p: _Progress) -> float:
     and half when the engine has registered them, which takes longer than the sending."""
     if not p.bytes_total:
         return 100.0 if p.state is UnlockState.READY else 0.0
-    return round(50 * (p.bytes_done + p.bytes_loaded) / p.bytes_total, 1)
+    return min(100.0, round(50 * (p.bytes_done + p.bytes_loaded) / p.bytes_total, 1))
 
 
 def _gb(size: int) -> str:
