@@ -167,12 +167,6 @@ class Docker:
                 found[tag] = EngineImage(str(answer.get("Id", "")), tuple(layers))
         return found
 
-    def tags(self) -> set[str]:
-        """Every repo:tag Docker has."""
-        with self._calling("list the images"):
-            images = self._client(load=False).images()
-        return {tag for image in images for tag in (image.get("RepoTags") or ())}
-
     def free_space(self) -> tuple[str, int] | None:
         """Docker's data root and the bytes free there, or None where we cannot see it."""
         with self._calling("read Docker's data root"):
@@ -186,7 +180,8 @@ class Docker:
         return root, stats.f_bavail * stats.f_frsize
 
     def remove(self, tags: Iterable[str]) -> None:
-        """Remove tags, best effort: this undoes a failed load."""
+        """Remove tags, best effort: an image that came out of a load with another ID than
+        the archive's is not left under a stack tag."""
         import docker.errors
         import requests.exceptions
 
@@ -194,9 +189,9 @@ class Docker:
         for tag in tags:
             try:
                 api.remove_image(tag)
-                log.info("removed %s, which a failed load had added", tag)
+                log.info("removed %s from the engine", tag)
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-                log.warning("could not remove %s after a failed load: %s", tag, _reason(exc))
+                log.warning("could not remove %s from the engine: %s", tag, _reason(exc))
 
     def load(self, tar: Iterator[bytes], on_loaded: Callable[[str], None]) -> list[str]:
         """Stream a `docker save` tarball into Docker; returns the tags it reports loaded.
