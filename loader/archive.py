@@ -120,6 +120,16 @@ class EncryptedArchive:
                 yield keep
 
 
+def starts_as_a_tar(archive: EncryptedArchive) -> bool:
+    """Whether the plaintext opens with a tar header: with the tail's padding, what tells a
+    wrong key (whose padding is valid once in about 256 tries) before anything is sent."""
+    try:
+        tarfile.TarInfo.frombuf(archive.read(0, _RECORD), "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
 def index_members(archive: EncryptedArchive) -> dict[str, Member]:
     """Every regular file of the tar, by name, from its headers alone (ustar, GNU long
     names and pax headers, as Go's archive/tar and Python's tarfile write them)."""
@@ -248,7 +258,7 @@ def oci_image_tar(
     engines that read that, decrypted on the fly; the files of the layers whose digests
     are in `present` (the engine has them) are left out."""
     skip = set(present)
-    config_digest = "sha256:" + hashlib.sha256(image.config).hexdigest()
+    config_digest = image.id  # the config's own digest
     manifest = _json(
         {
             "schemaVersion": 2,

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +33,6 @@ STACK_IMAGES = (
 # Quick calls (inspect, info, remove). Loads have no read timeout at all: Docker is
 # silent while it registers a layer, for a second or more per 250 MB.
 QUICK_TIMEOUT = 30
-LOADED_PREFIX = "Loaded image: "
 # The SDK's default when DOCKER_HOST is unset.
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 
@@ -193,13 +192,12 @@ class Docker:
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 log.warning("could not remove %s from the engine: %s", tag, _reason(exc))
 
-    def load(self, tar: Iterator[bytes], on_loaded: Callable[[str], None]) -> list[str]:
-        """Stream a `docker save` tarball into Docker; returns the tags it reports loaded.
+    def load(self, tar: Iterator[bytes]) -> None:
+        """Stream a `docker save` tarball into the engine.
 
         Docker answers 200 and reports failures inside its stream, so every message is read.
         """
         api = self._client(load=True)
-        loaded: list[str] = []
         with self._calling("load the images"):
             # The SDK's load_image() leaves its response open when we stop reading early;
             # its own building blocks (stable since docker-py 1.x) let us close it.
@@ -212,16 +210,10 @@ class Docker:
                     error = _message_error(message)
                     if error:
                         raise DockerFailed(f"{self.name} refused the images: {error}")
-                    stream = str(message.get("stream", ""))
-                    if stream.startswith(LOADED_PREFIX):
-                        tag = stream[len(LOADED_PREFIX) :].strip()
-                        loaded.append(tag)
-                        on_loaded(tag)
-        return loaded
 
 
 def _engine_name(client: Any) -> str:
-    """ "Podman" for Podman's Docker-compatible API, else "Docker"."""
+    """The engine's name for messages: Podman for Podman's Docker-compatible API."""
     try:
         components = client.version().get("Components") or []
     except Exception:

@@ -29,8 +29,9 @@ from loader.archive import (
     layers_present,
     oci_image_tar,
     read_images,
+    starts_as_a_tar,
 )
-from loader.crypto import BLOCK, key_from_fragment
+from loader.crypto import key_from_fragment
 from loader.errors import (
     ArchiveMissing,
     ArchiveUnreadable,
@@ -39,7 +40,7 @@ from loader.errors import (
     InsufficientStorage,
     LoaderError,
 )
-from loader.images import Docker, stack_tags
+from loader.images import Docker, EngineImage, stack_tags
 from loader.log import Redactor
 from loader.remote import ResourceAPI
 from loader.settings import Settings
@@ -205,9 +206,11 @@ class Unlocker:
         progress.state = UnlockState.DECRYPTING
         self._report(progress)
         tags = stack_tags(settings.api_version)
+        # The engine first: one that is away says so before the archive is read.
+        engine = await asyncio.to_thread(self._docker.inspect, tags)
         archive = await asyncio.to_thread(_open_archive, settings.images_path, key)
         try:
-            sends = await asyncio.to_thread(self._plan, archive, tags)
+            sends = await asyncio.to_thread(self._plan, archive, tags, engine)
             progress.images = [tag for tag in tags if tag not in {send.tag for send in sends}]
             progress.images_total = len(tags)
             progress.bytes_total = sum(send.size for send in sends)
@@ -229,13 +232,14 @@ class Unlocker:
             await asyncio.shield(asyncio.to_thread(archive.close))
         self._finish_ready(tags)
 
-    def _plan(self, archive: EncryptedArchive, tags: list[str]) -> list[_Send]:
+    def _plan(
+        self, archive: EncryptedArchive, tags: list[str], engine: dict[str, EngineImage]
+    ) -> list[_Send]:
         """In a worker thread: what to load, from the archive's index and the engine's images.
 
         An image the engine has under its tag with the archive's ID is kept; each other one
         is sent with the layers the engine will have by then left out.
         """
-        engine = self._docker.inspect(tags)  # first: an engine that is away says so at once
         images: dict[str, Image] = {}
         for image in read_images(archive, index_members(archive)):
             images.update((tag, image) for tag in image.tags)
@@ -268,16 +272,14 @@ class Unlocker:
         started = progress.bytes_done
         source = _ImageStream(archive, send, progress, self._cancel, report)
         try:
-            self._docker.load(iter(source), on_loaded=lambda tag: None)
-        except DockerFailed as exc:
-            if source.error is not None:
-                raise source.error from None
-            raise DockerFailed(f"{exc.message} (loading {send.tag})") from None
-        except BaseException:
+            self._docker.load(iter(source))
+        except BaseException as exc:
             # The SDK wraps what our generator raised (an OSError becomes a ConnectionError):
             # the generator's own error says what really went wrong.
             if source.error is not None:
                 raise source.error from None
+            if isinstance(exc, DockerFailed):
+                raise DockerFailed(f"{exc.message} (loading {send.tag})") from None
             raise
         if source.error is not None:
             raise source.error
@@ -389,20 +391,24 @@ def _open_archive(path: Path, key: bytes) -> EncryptedArchive:
         # A FIFO or a device would block open() or read forever.
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise ArchiveUnreadable(f"cannot read the archive {path}: not a regular file")
-        if os.stat(path).st_size < 3 * BLOCK:
-            raise DecryptionFailed(f"the archive {path} is too short to hold images")
-        return EncryptedArchive.open(path, key)
+        archive = EncryptedArchive.open(path, key)
     except FileNotFoundError:
         raise ArchiveMissing(f"no image archive at {path}") from None
     except OSError as exc:
         raise ArchiveUnreadable(f"cannot read the archive {path}: {exc.strerror}") from None
-    except DecryptionFailed as exc:
-        if "too short" in exc.message:
-            raise
-        raise DecryptionFailed(
-            "the archive could not be decrypted: wrong key fragment, or the archive is "
-            "damaged or truncated"
-        ) from None
+    except DecryptionFailed:
+        raise _undecryptable() from None
+    if not starts_as_a_tar(archive):
+        archive.close()
+        raise _undecryptable()
+    return archive
+
+
+def _undecryptable() -> DecryptionFailed:
+    return DecryptionFailed(
+        "the archive could not be decrypted: wrong key fragment, or the archive is damaged, "
+        "truncated or not a docker save tar"
+    )
 
 
 def _status_line(p: _Progress) -> str:

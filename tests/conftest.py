@@ -20,7 +20,9 @@ import pytest
 from aiohttp import web
 
 from loader.app import make_app
+from loader.archive import EncryptedArchive, index_members, read_images
 from loader.cache import ModelCache
+from loader.crypto import key_from_fragment
 from loader.log import Redactor
 from loader.server import make_runner, make_site
 from loader.settings import Settings
@@ -147,6 +149,13 @@ async def make_local_app() -> AsyncIterator[Callable[[Settings], Any]]:
 async def local(make_local_app: Callable[[Settings], Any], settings: Settings) -> LocalApp:
     app: LocalApp = await make_local_app(settings)
     return app
+
+
+def archive_ids(path: Path) -> dict[str, str]:
+    """Each tag's image ID as the encrypted image archive at `path` gives it."""
+    with EncryptedArchive.open(path, key_from_fragment(ARCHIVE_FRAGMENT)) as archive:
+        images = read_images(archive, index_members(archive))
+    return {tag: image.id for image in images for tag in image.tags}
 
 
 def cached_big_part(path: Path) -> bytes | None:

@@ -69,7 +69,7 @@ def _find_binary(name: str) -> str | None:
     return shutil.which(name, path=path)
 
 
-def _ping(sock: Path, timeout: float = 1.0) -> bool:
+def ping(sock: Path, timeout: float = 1.0) -> bool:
     """True when dockerd answers GET /_ping on `sock` with 200 OK."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(timeout)
@@ -140,7 +140,7 @@ def _umount(path: str) -> None:
         raise OSError(errno, f"cannot unmount {path}: {os.strerror(errno)}")
 
 
-def _poll(condition: Any, timeout: float, interval: float = 0.01) -> bool:
+def poll(condition: Any, timeout: float, interval: float = 0.01) -> bool:
     """Call `condition` until it is true or `timeout` seconds pass; its last answer."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -220,7 +220,7 @@ class PrivateDockerd:
         ]
 
     def start(self) -> PrivateDockerd:
-        """Start dockerd and wait until it answers _ping; DockerdError if it does not."""
+        """Start dockerd and wait until it answers /_ping; DockerdError if it does not."""
         if self.running:
             raise DockerdError(f"dockerd is already running as pid {self.pid}")
         self._short.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ class PrivateDockerd:
                 close_fds=True,
             )
         proc = self._proc
-        ready = _poll(lambda: proc.poll() is not None or _ping(self.socket), self.start_timeout)
+        ready = poll(lambda: proc.poll() is not None or ping(self.socket), self.start_timeout)
         if proc.poll() is not None:
             self._proc = None
             raise DockerdError(f"dockerd exited with {proc.returncode}\n{self.log_tail()}")
@@ -260,7 +260,7 @@ class PrivateDockerd:
             self._proc.send_signal(signal.SIGKILL)
         self._proc.wait()
         self._proc = None
-        if not _poll(lambda: not self.processes(), self.stop_timeout):
+        if not poll(lambda: not self.processes(), self.stop_timeout):
             raise DockerdError(f"processes left after SIGKILL: {self.processes()}")
 
     def stop(self) -> None:
@@ -278,7 +278,7 @@ class PrivateDockerd:
         for pid in processes_mentioning(*roots):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if not _poll(lambda: not processes_mentioning(*roots), self.stop_timeout):
+        if not poll(lambda: not processes_mentioning(*roots), self.stop_timeout):
             raise DockerdError(f"processes left behind: {processes_mentioning(*roots)}")
         # A killed dockerd leaves its bind mount of the data root; a restart can stack another.
         for _ in range(20):

@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.dockerd import _ping, _poll
+from tests.dockerd import ping, poll
 
 
 class PodmanError(RuntimeError):
@@ -68,7 +68,7 @@ class PrivatePodman:
                 close_fds=True,
             )
         proc = self._proc
-        ready = _poll(lambda: proc.poll() is not None or _ping(self.socket), self.start_timeout)
+        ready = poll(lambda: proc.poll() is not None or ping(self.socket), self.start_timeout)
         if proc.poll() is not None or not ready:
             self.stop()
             raise PodmanError(f"podman system service did not serve:\n{self.log()}")

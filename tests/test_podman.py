@@ -12,12 +12,18 @@ import pytest
 from loader.crypto import encrypt, key_from_fragment
 from loader.images import Docker
 from loader.settings import Settings
-from tests.conftest import ARCHIVE_FRAGMENT, EMAIL, PASSWORD, LocalApp, skip_or_fail, wait_for
-from tests.dockerd import STACK_NAMES, layer_tar, legacy_save, stack_tags
-from tests.faults.conftest import archive_ids
+from tests.conftest import (
+    ARCHIVE_FRAGMENT,
+    EMAIL,
+    PASSWORD,
+    LocalApp,
+    archive_ids,
+    skip_or_fail,
+    wait_for,
+)
+from tests.dockerd import STACK_NAMES, MiB, layer_tar, legacy_save, stack_tags
 from tests.podman import PodmanError, PrivatePodman
 
-MiB = 1 << 20
 STACK = stack_tags("latest", STACK_NAMES)
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from loader.archive import EncryptedArchive, index_members, read_images
 from loader.crypto import encrypt, key_from_fragment
 from loader.settings import Settings
 from tests.conftest import (
@@ -23,6 +22,7 @@ from tests.conftest import (
     LocalApp,
     NotifyListener,
     RunningEmulator,
+    archive_ids,
     daemon_env,
     loader_command,
     session_for,
@@ -33,6 +33,7 @@ from tests.conftest import (
 )
 from tests.dockerd import (
     ArchiveInfo,
+    MiB,
     PrivateDockerd,
     build_stack_images,
     image_ids,
@@ -46,7 +47,6 @@ from tests.dockerd import (
 from tests.emulator import FaultRule
 
 pytestmark = pytest.mark.docker
-MiB = 1 << 20
 
 Start = Callable[..., Any]
 
@@ -251,13 +251,6 @@ async def test_damaged_archive_is_an_error_and_leaves_no_image(
     assert failed["state"] == "error"
     assert expected in failed["error"]
     assert present_images(private_dockerd, no_stack_images) == []
-
-
-def archive_ids(path: Path) -> dict[str, str]:
-    """Each stack tag's image ID as the archive gives it."""
-    with EncryptedArchive.open(path, key_from_fragment(ARCHIVE_FRAGMENT)) as archive:
-        images = read_images(archive, index_members(archive))
-    return {tag: image.id for image in images for tag in image.tags}
 
 
 async def test_a_flipped_byte_stops_at_its_image_and_the_next_unlock_resumes(

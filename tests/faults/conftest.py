@@ -25,8 +25,6 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 
-from loader.archive import EncryptedArchive, index_members, read_images
-from loader.crypto import key_from_fragment
 from loader.settings import Settings
 from tests.conftest import (
     ARCHIVE_FRAGMENT,
@@ -34,6 +32,7 @@ from tests.conftest import (
     PASSWORD,
     LocalApp,
     RunningEmulator,
+    archive_ids,
     cached_big_part,
     daemon_env,
     loader_command,
@@ -247,13 +246,6 @@ def _probes(plaintext: bytes) -> list[bytes]:
     size = min(64, len(plaintext))
     middle = len(plaintext) // 2
     return [plaintext[:size], plaintext[middle : middle + size], plaintext[-size:]]
-
-
-def archive_ids(path: Path) -> dict[str, str]:
-    """Each tag's image ID as the encrypted image archive gives it."""
-    with EncryptedArchive.open(path, key_from_fragment(ARCHIVE_FRAGMENT)) as archive:
-        images = read_images(archive, index_members(archive))
-    return {tag: image.id for image in images for tag in image.tags}
 
 
 def files_under(*roots: Path) -> list[Path]:
