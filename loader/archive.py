@@ -203,6 +203,28 @@ class Image:
     def size(self) -> int:
         return len(self.config) + sum(layer.member.size for layer in self.layers)
 
+    @property
+    def manifest(self) -> bytes:
+        """The OCI manifest the loader sends for this image: the same bytes every time."""
+        return _json(
+            {
+                "schemaVersion": 2,
+                "mediaType": _OCI_MANIFEST,
+                "config": {"mediaType": _OCI_CONFIG, "digest": self.id, "size": len(self.config)},
+                "layers": [
+                    {"mediaType": _OCI_LAYER, "digest": layer.digest, "size": layer.member.size}
+                    for layer in self.layers
+                ],
+            }
+        )
+
+    @property
+    def ids(self) -> frozenset[str]:
+        """What an engine that holds this image calls it: the config's digest (Docker's
+        graphdriver store, Podman), or the digest of the manifest the loader sent, which
+        names that config (Docker's containerd image store)."""
+        return frozenset({self.id, "sha256:" + hashlib.sha256(self.manifest).hexdigest()})
+
 
 def read_images(archive: EncryptedArchive, members: dict[str, Member]) -> list[Image]:
     """The images `manifest.json` lists, with their configs read and their layers named."""
@@ -259,21 +281,7 @@ def oci_image_tar(
     are in `present` (the engine has them) are left out."""
     skip = set(present)
     config_digest = image.id  # the config's own digest
-    manifest = _json(
-        {
-            "schemaVersion": 2,
-            "mediaType": _OCI_MANIFEST,
-            "config": {
-                "mediaType": _OCI_CONFIG,
-                "digest": config_digest,
-                "size": len(image.config),
-            },
-            "layers": [
-                {"mediaType": _OCI_LAYER, "digest": layer.digest, "size": layer.member.size}
-                for layer in image.layers
-            ],
-        }
-    )
+    manifest = image.manifest
     manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
     index = {
         "schemaVersion": 2,

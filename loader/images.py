@@ -163,8 +163,15 @@ class Docker:
                 except docker.errors.ImageNotFound:
                     continue
                 layers = (answer.get("RootFS") or {}).get("Layers") or ()
-                found[tag] = EngineImage(str(answer.get("Id", "")), tuple(layers))
+                found[tag] = EngineImage(_digest(str(answer.get("Id", ""))), tuple(layers))
         return found
+
+    def listed(self) -> set[str]:
+        """The IDs in the engine's image list ("sha256:..."). Docker's containerd store
+        leaves out an image it holds incompletely, which inspect still answers."""
+        with self._calling("list the images"):
+            listed = self._client(load=False).images()
+        return {_digest(str(image.get("Id", ""))) for image in listed}
 
     def free_space(self) -> tuple[str, int] | None:
         """Docker's data root and the bytes free there, or None where we cannot see it."""
@@ -210,6 +217,10 @@ class Docker:
                     error = _message_error(message)
                     if error:
                         raise DockerFailed(f"{self.name} refused the images: {error}")
+
+
+def _digest(image_id: str) -> str:
+    return image_id if image_id.startswith("sha256:") else f"sha256:{image_id}"
 
 
 def _engine_name(client: Any) -> str:

@@ -249,18 +249,21 @@ class Unlocker:
                 f"the archive does not hold {', '.join(lacking)}: it is not the archive of "
                 f"this stack at {self._settings.api_version}; nothing was loaded"
             )
+        listed = self._docker.listed() if engine else set()
         layers = [each.layers for each in engine.values()]
         sends = []
         for tag in tags:
             image = images[tag]
-            if tag in engine and engine[tag].id == image.id:
+            if tag in engine and engine[tag].id in image.ids and engine[tag].id in listed:
                 continue
             sends.append(_Send(tag, image, frozenset(layers_present(image, layers))))
             layers.append(tuple(layer.digest for layer in image.layers))
         return sends
 
     def _load_image(self, archive: EncryptedArchive, send: _Send, progress: _Progress) -> None:
-        """In a worker thread: one image into the engine, then its ID checked."""
+        """In a worker thread: one image into the engine, then its ID and its completeness
+        checked. An engine that took a thin tar but left the image incomplete (Docker's
+        containerd store, when it holds the shared layers under other digests) gets it whole."""
         loop = self._loop
         assert loop is not None, "set by start()"
 
@@ -269,6 +272,54 @@ class Unlocker:
 
         progress.image = send.tag
         report()
+        self._send(archive, send, progress, report)
+        engine = self._docker.inspect([send.tag]).get(send.tag)
+        if (
+            engine is not None
+            and engine.id in send.image.ids
+            and send.present
+            and engine.id not in self._docker.listed()
+        ):
+            log.warning(
+                "unlock: %s took %s without the layers it has but left it incomplete: "
+                "sending it whole",
+                self._docker.name,
+                send.tag,
+            )
+            whole = _Send(send.tag, send.image, frozenset())
+            progress.bytes_total += whole.size - send.size
+            self._send(archive, whole, progress, report)
+            send = whole
+            engine = self._docker.inspect([send.tag]).get(send.tag)
+        if (
+            engine is None
+            or engine.id not in send.image.ids
+            or engine.id not in self._docker.listed()
+        ):
+            if engine is not None:
+                self._docker.remove([send.tag])
+            held = "no such image" if engine is None else engine.id
+            if engine is not None and engine.id in send.image.ids:
+                held = f"{engine.id}, incomplete"
+            raise DockerFailed(
+                f"{self._docker.name} loaded {send.tag} but holds {held}, "
+                f"not the archive's {send.image.id}"
+            )
+        progress.bytes_loaded += send.size
+        progress.images.append(send.tag)
+        log.info(
+            "unlock: %s loaded (%d of %d)", send.tag, len(progress.images), progress.images_total
+        )
+        report()
+
+    def _send(
+        self,
+        archive: EncryptedArchive,
+        send: _Send,
+        progress: _Progress,
+        report: Callable[[], None],
+    ) -> None:
+        """Stream one image's tar into the engine; `bytes_done` ends `send.size` further on."""
         started = progress.bytes_done
         source = _ImageStream(archive, send, progress, self._cancel, report)
         try:
@@ -283,22 +334,7 @@ class Unlocker:
             raise
         if source.error is not None:
             raise source.error
-        engine = self._docker.inspect([send.tag]).get(send.tag)
-        if engine is None or engine.id != send.image.id:
-            if engine is not None:
-                self._docker.remove([send.tag])
-            raise DockerFailed(
-                f"{self._docker.name} loaded {send.tag} but holds "
-                f"{engine.id if engine else 'no such image'}, "
-                f"not the archive's {send.image.id}"
-            )
         progress.bytes_done = started + send.size
-        progress.bytes_loaded += send.size
-        progress.images.append(send.tag)
-        log.info(
-            "unlock: %s loaded (%d of %d)", send.tag, len(progress.images), progress.images_total
-        )
-        report()
 
     def _check_space(self, sends: list[_Send]) -> None:
         seen = self._docker.free_space()
