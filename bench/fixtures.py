@@ -41,6 +41,9 @@ RESOURCE_NAME = "model.bin"
 # A tiny resource whose upload and load warm a fresh daemon up (imports, connections).
 WARMUP_NAME = "warmup.bin"
 START_TIMEOUT = 30.0
+# The bench stack: like real ones, the images share a base (a runtime, CUDA, ROS) of about
+# 40% of the bytes, and each adds a layer of its own.
+BASE_SHARE = 0.4
 
 
 def loader_argv() -> list[str]:
@@ -183,6 +186,7 @@ class Bench:
             "version": VERSION,
             "fragment": ARCHIVE_FRAGMENT.hex(),
             "images": list(STACK_NAMES),
+            "base_share": BASE_SHARE,
         }
 
     def _reuse_archive(self) -> Archive | None:
@@ -205,6 +209,7 @@ class Bench:
             f"--out={path}",
             f"--plain={plain}",
             f"--docker-host={self.dockerd().host}",
+            f"--base-share={BASE_SHARE}",
         ]
         print(f"making the archive: make_archive.py {' '.join(argv)}")
         if make_archive.main(argv) != 0:
@@ -281,8 +286,11 @@ class Bench:
 
     # The daemon under test
 
-    def daemon(self, *, cpu: int | None = None, log_level: str = "info") -> Daemon:
-        """A fresh daemon, configured with whatever the bench has started, answering /health."""
+    def daemon(
+        self, *, cpu: int | None = None, log_level: str = "info", docker_host: str | None = None
+    ) -> Daemon:
+        """A fresh daemon, configured with whatever the bench has started, answering /health;
+        `docker_host` names another engine than the private dockerd."""
         env = clean_env(
             LOADER_SOCKET=str(self.socket),
             MODEL_CACHE_DIR=str(self.models),
@@ -291,7 +299,9 @@ class Bench:
         )
         if self._emulator_url is not None:
             env.update(RESOURCE_API_URL=self._emulator_url, CDN_URL=f"{self._emulator_url}/cdn")
-        if self._dockerd is not None:
+        if docker_host is not None:
+            env["DOCKER_HOST"] = docker_host
+        elif self._dockerd is not None:
             env["DOCKER_HOST"] = self._dockerd.host
         if self._archive is not None:
             env["IMAGES_PATH"] = str(self._archive.path)

@@ -1,7 +1,12 @@
 """Make an encrypted image archive of the seven stack images, of about a given size.
 
     python bench/make_archive.py --size 1GiB --version latest --fragment-hex 00ff... \\
-        --out /var/tmp/images.enc [--plain /var/tmp/images.tar] [--docker-host unix://...]
+        --out /var/tmp/images.enc [--plain /var/tmp/images.tar] [--docker-host unix://...] \\
+        [--base-share 0.4]
+
+With --base-share, the images share a base layer holding that share of the payload (like
+real stacks built FROM one runtime image), and each has a layer of its own; without it,
+each image is one layer.
 
 Without --docker-host it runs a private dockerd of its own (root needed) and stops it
 afterwards; with one, the images it built are removed again unless --keep-images.
@@ -22,6 +27,7 @@ from tests.dockerd import (
     STACK_NAMES,
     PrivateDockerd,
     Target,
+    build_shared_base_stack,
     build_stack_images,
     remove_images,
     write_archive,
@@ -63,7 +69,10 @@ def _mb(n: int) -> str:
 
 def make(args: argparse.Namespace, target: Target) -> None:
     started = time.monotonic()
-    tags = build_stack_images(target, args.version, args.size, args.seed)
+    if args.base_share:
+        tags = build_shared_base_stack(target, args.version, args.size, args.base_share, args.seed)
+    else:
+        tags = build_stack_images(target, args.version, args.size, args.seed)
     built = time.monotonic()
     print(f"built {len(tags)} images in {built - started:.2f} s: {' '.join(tags)}")
     try:
@@ -94,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--docker-host", help="use this daemon instead of a private one")
     parser.add_argument("--keep-images", action="store_true")
+    parser.add_argument(
+        "--base-share",
+        type=float,
+        default=0.0,
+        help="the share of the payload in a base layer all images share (e.g. 0.4)",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args(argv)
     print(f"images: {len(STACK_NAMES)}, payload {_mb(args.size)}")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import machine, report
 from bench.fixtures import Bench
 from bench.make_archive import parse_size
-from bench.parts import crypto, resources, serving, unlock
+from bench.parts import crypto, podman, resources, serving, unlock
 from bench.results import PartResult, Row
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +33,11 @@ HERE = Path(__file__).resolve().parent
 # In the order they run; upload before the loads, which then find the resource in place.
 PARTS: dict[str, tuple[str, Callable[[Bench], PartResult]]] = {
     "unlock": ("rows 1-3: unlock vs docker load -i, RSS, disk writes", unlock.unlock),
+    "unlock-concurrency": (
+        "row 1c: the engine loading image by image, 1-3 at a time",
+        unlock.concurrency,
+    ),
+    "unlock-podman": ("rows 1d-1e: unlock into Podman vs podman load -i", podman.unlock_podman),
     "health-unlock": ("row 9: /health latency during an unlock", unlock.health_during_unlock),
     "decrypt": ("row 4: decryption alone vs openssl", crypto.decrypt),
     "upload": ("row 7: /upload", resources.upload),

@@ -49,6 +49,16 @@ class EngineImage:
     layers: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Spool:
+    """A folder the engine writes into during a load, and the bytes free on its filesystem."""
+
+    role: str  # "data root", "temporary folder"
+    path: str
+    free: int
+    device: int  # st_dev: two folders on one filesystem share its free space
+
+
 class Docker:
     """Two SDK clients on one engine: one for quick calls, one without a read timeout for loads."""
 
@@ -137,18 +147,13 @@ class Docker:
             raise
 
     def missing(self, tags: Iterable[str]) -> list[str]:
-        """Those of `tags` that Docker does not have."""
-        import docker.errors
-
-        api = self._client(load=False)
-        absent = []
-        with self._calling("check the images"):
-            for tag in tags:
-                try:
-                    api.inspect_image(tag)
-                except docker.errors.ImageNotFound:
-                    absent.append(tag)
-        return absent
+        """Those of `tags` that Docker does not have whole: absent, or held incomplete.
+        Docker's containerd store keeps the image of a refused load under its tag, where
+        inspect finds it; only its list leaves it out."""
+        tags = list(tags)
+        held = self.inspect(tags)
+        listed = self.listed() if held else set()
+        return [tag for tag in tags if tag not in held or held[tag].id not in listed]
 
     def inspect(self, tags: Iterable[str]) -> dict[str, EngineImage]:
         """Those of `tags` that Docker has: each image's ID and layers."""
@@ -173,17 +178,28 @@ class Docker:
             listed = self._client(load=False).images()
         return {_digest(str(image.get("Id", ""))) for image in listed}
 
-    def free_space(self) -> tuple[str, int] | None:
-        """Docker's data root and the bytes free there, or None where we cannot see it."""
-        with self._calling("read Docker's data root"):
-            root = self._client(load=False).info().get("DockerRootDir")
-        if not root:
-            return None
-        try:
-            stats = os.statvfs(root)
-        except OSError:
-            return None  # Docker runs elsewhere (another mount namespace, a remote host)
-        return root, stats.f_bavail * stats.f_frsize
+    def spools(self) -> list[Spool]:
+        """Where the engine writes what it loads, as this process sees those folders: Docker's
+        data root; Podman's storage and the folder it spools a load into (its
+        imageCopyTmpDir, /var/tmp unless its TMPDIR says otherwise). A folder that cannot be
+        seen from here (another mount namespace, a remote engine) is left out."""
+        api = self._client(load=False)
+        with self._calling("read where the engine keeps its images"):
+            root = api.info().get("DockerRootDir")
+            places = [("data root", root)] if root else []
+            if self.name == "Podman":
+                store = api._result(api._get(api._url("/libpod/info")), json=True).get("store")
+                tmp = (store or {}).get("imageCopyTmpDir") or "/var/tmp"
+                places.append(("temporary folder", tmp))
+        spools = []
+        for role, path in places:
+            try:
+                stats = os.statvfs(path)
+                device = os.stat(path).st_dev
+            except OSError:
+                continue
+            spools.append(Spool(role, str(path), stats.f_bavail * stats.f_frsize, device))
+        return spools
 
     def remove(self, tags: Iterable[str]) -> None:
         """Remove tags, best effort: an image that came out of a load with another ID than

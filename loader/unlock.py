@@ -337,19 +337,35 @@ class Unlocker:
         progress.bytes_done = started + send.size
 
     def _check_space(self, sends: list[_Send]) -> None:
-        seen = self._docker.free_space()
-        if seen is None:
-            log.info("cannot see Docker's data root from here: not checking its free space")
+        """Refuse early when the engine lacks room for the layers it will keep plus the
+        largest image's tar while it is spooled (Docker: in its data root; Podman: twice,
+        as the tar and unpacked, in its temporary folder)."""
+        spools = self._docker.spools()
+        if not spools:
+            log.info("cannot see where the engine keeps its images: not checking free space")
             return
-        root, free = seen
         layers = sum(send.size for send in sends)
-        needed = layers + max((send.size for send in sends), default=0) + SPACE_MARGIN
-        if free < needed:
-            raise InsufficientStorage(
-                f"{self._docker.name} needs about {_gb(needed)} free under {root} to load "
-                f"{_gb(layers)} of images (it spools each image, then unpacks it), but only "
-                f"{_gb(free)} is free"
-            )
+        largest = max((send.size for send in sends), default=0)
+        podman = self._docker.name == "Podman"
+        needs: dict[int, int] = {}
+        why: dict[int, list[str]] = {}
+        for spool in spools:
+            if spool.role == "data root":
+                need = layers if podman else layers + largest
+                what = f"{_gb(layers)} of images" + ("" if podman else " spooled one by one")
+            else:
+                need = 2 * largest
+                what = f"the largest image ({_gb(largest)}) spooled and unpacked"
+            needs[spool.device] = needs.get(spool.device, SPACE_MARGIN) + need
+            why.setdefault(spool.device, []).append(f"{what} under {spool.path}")
+        for spool in spools:
+            if spool.device in needs and spool.free < needs[spool.device]:
+                raise InsufficientStorage(
+                    f"{self._docker.name} needs about {_gb(needs[spool.device])} free on the "
+                    f"filesystem of {spool.path} ({'; '.join(why[spool.device])}), but only "
+                    f"{_gb(spool.free)} is free"
+                )
+            needs.pop(spool.device, None)
 
     def _finish_ready(self, tags: list[str]) -> None:
         p = self._progress

@@ -456,6 +456,83 @@ def build_stack_images(
     return stack_tags(version, names)
 
 
+BASE_NAME = "azaion/base"
+
+
+def _measure(chunks: Iterable[bytes]) -> tuple[int, str]:
+    size, digest = 0, hashlib.sha256()
+    for piece in chunks:
+        size += len(piece)
+        digest.update(piece)
+    return size, "sha256:" + digest.hexdigest()
+
+
+def shared_base_save_chunks(
+    version: str,
+    payload_bytes: int,
+    base_share: float,
+    seed: int = DEFAULT_SEED,
+    names: Sequence[str] = STACK_NAMES,
+) -> Iterator[bytes]:
+    """A `docker save` tar (legacy layout) of the stack on a shared base, streamed: each
+    image is the base layer (`base_share` of the payload) and a layer of its own (an equal
+    share of the rest), like images built FROM one runtime image.
+
+    Each layer is generated twice (its size and digest must precede it in the tar): the
+    random stream is deterministic, so the two passes agree.
+    """
+    base_bytes = int(payload_bytes * base_share)
+    own_bytes = (payload_bytes - base_bytes) // len(names) if names else 0
+    layers = [(BASE_NAME, base_bytes)] + [(name, own_bytes) for name in names]
+    digests: dict[str, str] = {}
+    for name, size in layers:
+        length, digest = _measure(rootfs_chunks(name, version, size, seed))
+        digests[name] = digest
+        yield _tar_header(f"{digest[7:]}/layer.tar", length)
+        # Whole 512-byte records: rootfs_chunks pads its own files.
+        yield from rootfs_chunks(name, version, size, seed)
+    manifest = []
+    for name in names:
+        config = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "created": "2023-11-14T22:13:20Z",
+                "config": {"Labels": {"service": name}},
+                "rootfs": {"type": "layers", "diff_ids": [digests[BASE_NAME], digests[name]]},
+            }
+        ).encode()
+        config_name = hashlib.sha256(config).hexdigest() + ".json"
+        yield _tar_file(config_name, config)
+        manifest.append(
+            {
+                "Config": config_name,
+                "RepoTags": [f"{name}:{version}"],
+                "Layers": [f"{digests[n][7:]}/layer.tar" for n in (BASE_NAME, name)],
+            }
+        )
+    yield _tar_file("manifest.json", json.dumps(manifest).encode())
+    yield bytes(2 * tarfile.BLOCKSIZE)
+
+
+def build_shared_base_stack(
+    target: Target,
+    version: str = "latest",
+    payload_bytes: int = 0,
+    base_share: float = 0.4,
+    seed: int = DEFAULT_SEED,
+    names: Sequence[str] = STACK_NAMES,
+) -> list[str]:
+    """Load the stack on a shared base (`shared_base_save_chunks`) into the daemon; returns
+    the tags. Nothing runs: the images come from a generated `docker save` tar."""
+    chunks = shared_base_save_chunks(version, payload_bytes, base_share, seed, names)
+    with _api(target) as api:
+        for message in api.load_image(chunks) or ():
+            if isinstance(message, dict) and (message.get("error") or message.get("errorDetail")):
+                raise DockerdError(f"loading the stack: {message}")
+    return stack_tags(version, names)
+
+
 def image_ids(target: Target, tags: Iterable[str]) -> dict[str, str]:
     """Each tag's image id (sha256:...)."""
     with _api(target) as api:

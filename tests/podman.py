@@ -19,13 +19,19 @@ class PodmanError(RuntimeError):
 
 
 class PrivatePodman:
-    def __init__(self, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self, start_timeout: float = 30.0, tmp_size: str | None = None, driver: str = "vfs"
+    ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="azl-pm-", dir="/tmp"))
         self.socket = self.root / "api.sock"
         # Where Podman spools a load (its TMPDIR): /var/tmp by default.
         self.tmp = self.root / "tmp"
         self.log_path = self.root / "podman.log"
         self.start_timeout = start_timeout
+        # A tmpfs of this size (e.g. "16m") as its temporary folder: a small disk.
+        self.tmp_size = tmp_size
+        # vfs works anywhere (nested, any filesystem); overlay is what devices use.
+        self.driver = driver
         self._proc: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -40,22 +46,26 @@ class PrivatePodman:
     def host(self) -> str:
         return f"unix://{self.socket}"
 
-    def command(self) -> list[str]:
+    def options(self) -> list[str]:
+        """What every podman command on this service's storage takes."""
         return [
-            "podman",
             f"--root={self.root / 'storage'}",
             f"--runroot={self.root / 'run'}",
-            "--storage-driver=vfs",
+            f"--storage-driver={self.driver}",
             "--cgroup-manager=cgroupfs",
             "--events-backend=file",
-            "system",
-            "service",
-            "--time=0",
-            self.host,
         ]
+
+    def command(self) -> list[str]:
+        return ["podman", *self.options(), "system", "service", "--time=0", self.host]
 
     def start(self) -> PrivatePodman:
         self.tmp.mkdir(parents=True, exist_ok=True)
+        if self.tmp_size is not None:
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={self.tmp_size}", "tmpfs", str(self.tmp)],
+                check=True,
+            )
         env = {**os.environ, "TMPDIR": str(self.tmp)}
         env.pop("DOCKER_HOST", None)
         with open(self.log_path, "ab") as log:
@@ -90,9 +100,8 @@ class PrivatePodman:
                 self._proc.wait()
         self._proc = None
         # vfs layers are plain folders; a mount may linger only if a container ran.
-        subprocess.run(
-            ["umount", "-R", "-l", str(self.root / "storage")],
-            check=False,
-            stderr=subprocess.DEVNULL,
-        )
+        for mounted in (self.root / "storage", self.tmp):
+            subprocess.run(
+                ["umount", "-R", "-l", str(mounted)], check=False, stderr=subprocess.DEVNULL
+            )
         shutil.rmtree(self.root, ignore_errors=True)

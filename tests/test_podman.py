@@ -150,3 +150,28 @@ async def test_podman_s_refusals_are_named_podman_s(
     assert failed["state"] == "error", failed
     assert failed["error"].startswith("Podman refused"), failed
     assert "Docker" not in failed["error"]
+
+
+async def test_podman_s_temporary_folder_too_small_is_refused_up_front(
+    make_local_app: Callable[[Settings], Any],
+    with_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """Podman spools a load into its temporary folder (TMPDIR, else /var/tmp) twice over:
+    the preflight reads where from Podman and checks it, before a byte is sent."""
+    small = PrivatePodman(tmp_size="16m")
+    try:
+        small.start()
+    except PodmanError as exc:
+        skip_or_fail(f"the private Podman service did not start: {exc}")
+    try:
+        archive = write_stack(tmp_path / "images.enc", stack_layers())
+        app = await make_local_app(with_settings(docker_host=small.host, images_path=archive))
+        failed = await unlock(app)
+        assert failed["state"] == "error", failed
+        assert failed["error"].startswith("Podman needs about"), failed
+        assert f"under {small.tmp}" in failed["error"], failed
+        assert "is free" in failed["error"], failed
+        assert Docker(small.host).inspect(STACK) == {}
+    finally:
+        small.stop()

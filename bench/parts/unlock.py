@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,14 @@ from bench.harness import (
     warm,
 )
 from bench.results import PartResult, Row, UnlockPicture, ratio, runs
+from loader.archive import (
+    EncryptedArchive,
+    Image,
+    index_members,
+    layers_present,
+    oci_image_tar,
+    read_images,
+)
 from tests.dockerd import present_images
 
 STATUS_EVERY = 0.05
@@ -100,6 +110,31 @@ class LoaderRun:
     written: int
     writable_files: frozenset[str]
     disk: DiskPeaks
+
+
+def image_sends(archive: Archive) -> list[tuple[str, Image, frozenset[str]]]:
+    """What the unlock sends into an engine that has none of the stack, in its order: each
+    tag, its image, and the digests of the layers left out (sent with an earlier image)."""
+    with EncryptedArchive.open(archive.path, archive.key) as source:
+        listed = read_images(source, index_members(source))
+    images = {tag: image for image in listed for tag in image.tags}
+    sends = []
+    held: list[tuple[str, ...]] = []
+    for tag in archive.tags:
+        image = images[tag]
+        sends.append((tag, image, frozenset(layers_present(image, held))))
+        held.append(tuple(layer.digest for layer in image.layers))
+    return sends
+
+
+def largest_send(archive: Archive) -> tuple[str, int]:
+    """The largest image the unlock sends into an empty engine, and its bytes: its config and
+    the layers that image is the first to bring."""
+    sizes = [
+        (tag, image.size - sum(lay.member.size for lay in image.layers if lay.digest in present))
+        for tag, image, present in image_sends(archive)
+    ]
+    return max(sizes, key=lambda each: each[1])
 
 
 def _images_removed(bench: Bench, archive: Archive) -> None:
@@ -180,7 +215,7 @@ def unlock(bench: Bench) -> PartResult:
                 loads.append(_loader_once(bench, archive, watch))
                 last = loads[-1]
                 print(f"  unlock: {last.run.wall:.2f} s, peak RSS {last.peak_rss:.1f} MB")
-    return _unlock_rows(archive, floors, loads, watch)
+    return _unlock_rows(archive, floors, loads, watch, largest_send(archive))
 
 
 def _sent_at(run: UnlockRun) -> float:
@@ -197,8 +232,13 @@ def _progress_gap(run: UnlockRun) -> float:
 
 
 def _unlock_rows(
-    archive: Archive, floors: list[FloorRun], loads: list[LoaderRun], watch: DiskWatch
+    archive: Archive,
+    floors: list[FloorRun],
+    loads: list[LoaderRun],
+    watch: DiskWatch,
+    largest_image: tuple[str, int],
 ) -> PartResult:
+    largest_tag, largest = largest_image
     wall = Spread.of([r.run.wall for r in loads])
     floor = Spread.of([f.wall for f in floors])
     rss = Spread.of([r.peak_rss for r in loads])
@@ -235,6 +275,22 @@ def _unlock_rows(
         ),
     ]
     result.rows += _disk_rows(floors, loads)
+    spool = Spread.of([r.disk.spool for r in loads])
+    floor_spool = Spread.of([f.disk.spool for f in floors])
+    result.rows.append(
+        Row(
+            "3e",
+            "unlock: peak of the engine's temporary space (data root tmp/)",
+            spool.fmt("MB", 0),
+            f"docker load -i: {floor_spool.fmt('MB', 0)}",
+            ratio(spool, floor_spool),
+            f"<= largest image's new layers + 10% ({1.1 * largest / MB:,.0f} MB)",
+            spool.hi <= 1.1 * largest / MB,
+            f"unlock {runs(spool, 0)} MB; docker load -i {runs(floor_spool, 0)} MB; the "
+            f"largest image tar sent ({largest_tag}, the first to bring the shared base): "
+            f"{largest / MB:,.0f} MB; the archive {archive.plaintext_size / MB:,.0f} MB",
+        )
+    )
     root = Spread.of([r.disk.data_root for r in loads] + [f.disk.data_root for f in floors])
     shared = "the filesystem that also holds Docker's data root" if watch.shares_data_root else ""
     result.notes += [
@@ -319,6 +375,89 @@ def _disk_rows(floors: list[FloorRun], loads: list[LoaderRun]) -> list[Row]:
             f"docker load -i: spool {runs(floor_spool, 0)} MB, root {runs(floor_root, 0)} MB",
         ),
     ]
+
+
+# Row 1c
+
+CONCURRENCY = (1, 2, 3)
+
+
+def _thin_tars(archive: Archive, folder: Path) -> list[Path]:
+    """Each image's tar as the unlock cuts it for an empty engine (the OCI layout, only the
+    layers no earlier image brings), in plaintext under the bench's work folder."""
+    sends = image_sends(archive)
+    first = {layer.digest for layer in sends[0][1].layers}
+    if any(not present <= first for _, _, present in sends[1:]):
+        raise BenchError("row 1c expects a stack whose images share only the first's layers")
+    folder.mkdir(exist_ok=True)
+    paths = []
+    with EncryptedArchive.open(archive.path, archive.key) as source:
+        for index, (_, image, present) in enumerate(sends):
+            path = folder / f"{index}.tar"
+            with open(path, "wb") as out:
+                for chunk in oci_image_tar(source, image, present):
+                    out.write(chunk)
+            paths.append(path)
+    return paths
+
+
+def _docker_load(host: str, path: Path) -> None:
+    done = subprocess.run(
+        ["docker", "-H", host, "load", "-i", str(path)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise BenchError(f"docker load -i {path} failed: {done.stderr.strip()}")
+
+
+def concurrency(bench: Bench) -> PartResult:
+    """Row 1c: the stack image by image as the unlock cuts it, by `docker load -i` of each
+    thin tar: the first (which brings the shared base) alone, then the others N at a time."""
+    archive = bench.archive()
+    host = bench.dockerd().host
+    tars = _thin_tars(archive, bench.work / "thin")
+    warm(archive.plain, *tars)
+    walls: dict[int, list[float]] = {n: [] for n in CONCURRENCY}
+    floors: list[float] = []
+    for index in range(bench.runs):
+        order = [*CONCURRENCY[index % 3 :], *CONCURRENCY[: index % 3], 0]
+        for n in order:
+            _images_removed(bench, archive)
+            bench.settle()
+            started = time.perf_counter()
+            if n == 0:
+                _docker_load(host, archive.plain)
+            else:
+                _docker_load(host, tars[0])
+                with ThreadPoolExecutor(n) as pool:
+                    list(pool.map(lambda path: _docker_load(host, path), tars[1:]))
+            wall = time.perf_counter() - started
+            _check_loaded(bench, archive, f"loading at concurrency {n}")
+            (floors if n == 0 else walls[n]).append(wall)
+            print(f"  {'docker load -i' if n == 0 else f'concurrency {n}'}: {wall:.2f} s")
+    floor = Spread.of(floors)
+    result = PartResult()
+    for n in CONCURRENCY:
+        spread = Spread.of(walls[n])
+        result.rows.append(
+            Row(
+                f"1c.{n}",
+                f"the stack image by image (docker load -i of each thin tar), the first "
+                f"alone, then {n} at a time",
+                spread.fmt("s", 2),
+                f"docker load -i of the whole tar: {floor.fmt('s', 2)}",
+                ratio(spread, floor),
+                runs=f"{runs(spread, 2)} s; whole tar {runs(floor, 2)} s",
+            )
+        )
+    sizes = ", ".join(f"{path.stat().st_size / MB:,.0f}" for path in tars)
+    result.notes.append(
+        f"Row 1c: the engine's side of the unlock alone: the {len(tars)} tars the unlock "
+        f"sends into an empty engine ({sizes} MB), written in plaintext beforehand and "
+        "loaded by the docker CLI, so that only the engine's concurrency differs. Images "
+        "removed before every run; the orders of the runs rotate."
+    )
+    shutil.rmtree(bench.work / "thin", ignore_errors=True)
+    return result
 
 
 # Row 9
