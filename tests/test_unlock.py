@@ -15,6 +15,15 @@ import pytest
 
 from loader.crypto import encrypt, key_from_fragment
 from loader.settings import Settings
+from loader.unlock import (
+    ESTIMATE_CAP,
+    SEND_SHARE,
+    UnlockState,
+    _handed_over,
+    _percent,
+    _Progress,
+    _registered,
+)
 from tests.conftest import (
     ARCHIVE_FRAGMENT,
     EMAIL,
@@ -460,3 +469,22 @@ async def test_status_lines_reach_systemd(
     assert "STATUS=Ready: 7 images at latest" in seen
     code, err = await stop(proc)
     assert code == 0, err
+
+
+def test_percent_moves_on_while_the_engine_registers_but_never_claims_it_done() -> None:
+    """The engine says nothing while it registers an image: `percent` moves on at the rate
+    it has shown, up to ESTIMATE_CAP of that image's part, and the rest only when it answers."""
+    total = 1000
+    handed = _Progress(state=UnlockState.LOADING_IMAGES, bytes_total=total, bytes_done=400)
+    assert _percent(handed) == 100 * SEND_SHARE * 400 / total
+    _handed_over(handed, 400, seconds=1.0)
+    just_now = _percent(handed)
+    assert just_now < 100 * (SEND_SHARE * 400 + (1 - SEND_SHARE) * 400 * 0.05) / total
+    handed.registering_since -= 3600  # an hour ago: far longer than the rate predicts
+    capped = _percent(handed)
+    expected = SEND_SHARE * 400 + (1 - SEND_SHARE) * 400 * ESTIMATE_CAP
+    assert capped == round(100 * expected / total, 1)
+    _registered(handed)
+    assert _percent(handed) == 100 * 400 / total
+    # What it learnt: the next image is estimated at the rate this one was registered.
+    assert handed.rate == pytest.approx(400 / 3600, rel=0.01)
