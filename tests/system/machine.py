@@ -23,9 +23,12 @@ class MachineError(Exception):
 
 
 class Machine:
-    """`systemd-nspawn -b` on `root`, in the host's network; `binds` are extra `--bind=` values.
+    """`systemd-nspawn -b` on `root`, in the host's network unless `nspawn_args` (extra
+    arguments) give it its own; `binds` are extra `--bind=` values.
 
-    `setenv` goes to the container's init (`--setenv=`); `env` to every command run inside.
+    `setenv` goes to the container's init (`--setenv=`); `env` to every command run inside;
+    `nspawn_env` to systemd-nspawn itself (e.g. SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 for a
+    systemd that needs cgroup v2, on a host with the hybrid hierarchy).
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class Machine:
         setenv: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
         nspawn_args: Sequence[str] = (),
+        nspawn_env: Mapping[str, str] | None = None,
     ) -> None:
         self.root = root
         self.log_path = log_path
@@ -44,6 +48,7 @@ class Machine:
         self.setenv = dict(setenv or {})
         self.env = {**_BASE_ENV, **(env or {})}
         self.nspawn_args = tuple(nspawn_args)
+        self.nspawn_env = dict(nspawn_env or {})
         self.leader: int | None = None
         self._nspawn: subprocess.Popen[bytes] | None = None
 
@@ -70,6 +75,7 @@ class Machine:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **self.nspawn_env},
             )
         deadline = time.monotonic() + timeout
         self.leader = self._find_leader(deadline)
