@@ -328,7 +328,18 @@ def _ref_annotations(tags: tuple[str, ...]) -> dict[str, str]:
     if not tags:
         return {}
     name = tags[0]
-    return {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name}
+    # Docker's containerd image store looks an image up by its full name: under a short
+    # one, it loads and lists it, but inspect cannot find it.
+    return {"io.containerd.image.name": _full_name(name), "org.opencontainers.image.ref.name": name}
+
+
+def _full_name(tag: str) -> str:
+    """`tag` as Docker normalises it: "azaion/x:1" is "docker.io/azaion/x:1", "x:1" is
+    "docker.io/library/x:1"; a name that starts with a registry stays as it is."""
+    first, slash, _ = tag.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return tag
+    return f"docker.io/{tag}" if slash else f"docker.io/library/{tag}"
 
 
 def _blob(digest: str) -> str:

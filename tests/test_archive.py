@@ -4,6 +4,8 @@ engine loads, thin where it has the layers already."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import tarfile
 from collections.abc import Iterator
@@ -227,6 +229,33 @@ def test_a_layer_counts_as_present_only_over_the_same_base() -> None:
     assert layers_present(image("base", "b"), engine) == {"base"}  # b sits on another base
     assert layers_present(image("b"), engine) == set()
     assert layers_present(image("other-base", "b", "a"), engine) == {"other-base", "b"}
+
+
+@pytest.mark.parametrize(
+    ("tag", "full"),
+    [
+        ("azaion/annotations:latest", "docker.io/azaion/annotations:latest"),
+        ("busybox:1", "docker.io/library/busybox:1"),
+        ("registry.azaion.local/azaion/x:2", "registry.azaion.local/azaion/x:2"),
+        ("localhost:5000/x:2", "localhost:5000/x:2"),
+        ("localhost/x:2", "localhost/x:2"),
+    ],
+)
+def test_the_oci_index_names_the_image_in_full(
+    tmp_path: Path, opened: Any, tag: str, full: str
+) -> None:
+    # Docker 26's containerd store takes the name as written: a short one loads, but
+    # inspect (which looks up the full name) cannot find the image.
+    archive = opened(encrypted_file(tmp_path, legacy_save({tag: [layer_tar("x", 1024)]})))
+    image = read_images(archive, index_members(archive))[0]
+    with tarfile.open(fileobj=io.BytesIO(b"".join(oci_image_tar(archive, image)))) as tar:
+        index = tar.extractfile("index.json")
+        assert index is not None
+        annotations = json.loads(index.read())["manifests"][0]["annotations"]
+    assert annotations == {
+        "io.containerd.image.name": full,
+        "org.opencontainers.image.ref.name": tag,
+    }
 
 
 def test_a_thin_tar_without_the_base_in_the_engine_is_refused(
