@@ -43,10 +43,17 @@ def stack_tags(version: str) -> list[str]:
 
 @dataclass(frozen=True)
 class EngineImage:
-    """An image as the engine has it: its ID and its layers' diff IDs, from the base up."""
+    """An image as the engine has it: its ID, its layers' diff IDs from the base up, and
+    whether it is whole.
+
+    Docker's containerd store keeps under its tag an image that a load left incomplete (a
+    refused load, or a thin one whose layers it holds under other digests): inspect finds
+    it, the image list leaves it out. Its layers are not all there, so none are given.
+    """
 
     id: str
     layers: tuple[str, ...]
+    whole: bool = True
 
 
 @dataclass(frozen=True)
@@ -147,16 +154,14 @@ class Docker:
             raise
 
     def missing(self, tags: Iterable[str]) -> list[str]:
-        """Those of `tags` that Docker does not have whole: absent, or held incomplete.
-        Docker's containerd store keeps the image of a refused load under its tag, where
-        inspect finds it; only its list leaves it out."""
+        """Those of `tags` that Docker does not have whole."""
         tags = list(tags)
         held = self.inspect(tags)
-        listed = self.listed() if held else set()
-        return [tag for tag in tags if tag not in held or held[tag].id not in listed]
+        return [tag for tag in tags if tag not in held or not held[tag].whole]
 
     def inspect(self, tags: Iterable[str]) -> dict[str, EngineImage]:
-        """Those of `tags` that Docker has: each image's ID and layers."""
+        """Those of `tags` that Docker has: each image's ID, layers, and whether it is whole
+        (in the image list)."""
         import docker.errors
 
         api = self._client(load=False)
@@ -169,7 +174,11 @@ class Docker:
                     continue
                 layers = (answer.get("RootFS") or {}).get("Layers") or ()
                 found[tag] = EngineImage(_digest(str(answer.get("Id", ""))), tuple(layers))
-        return found
+        listed = self.listed() if found else set()
+        return {
+            tag: image if image.id in listed else EngineImage(image.id, (), whole=False)
+            for tag, image in found.items()
+        }
 
     def listed(self) -> set[str]:
         """The IDs in the engine's image list ("sha256:..."). Docker's containerd store
