@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from loader.app import make_app
-from loader.archive import EncryptedArchive, index_members, read_images
+from loader.archive import EncryptedArchive, Image, index_members, read_images
 from loader.cache import ModelCache
 from loader.crypto import key_from_fragment
 from loader.log import Redactor
@@ -151,11 +151,16 @@ async def local(make_local_app: Callable[[Settings], Any], settings: Settings) -
     return app
 
 
-def archive_ids(path: Path) -> dict[str, str]:
-    """Each tag's image ID as the encrypted image archive at `path` gives it."""
+def archive_images(path: Path) -> dict[str, Image]:
+    """Each tag's image as the encrypted image archive at `path` holds it."""
     with EncryptedArchive.open(path, key_from_fragment(ARCHIVE_FRAGMENT)) as archive:
         images = read_images(archive, index_members(archive))
-    return {tag: image.id for image in images for tag in image.tags}
+    return {tag: image for image in images for tag in image.tags}
+
+
+def archive_ids(path: Path) -> dict[str, str]:
+    """Each tag's image ID as the encrypted image archive at `path` gives it."""
+    return {tag: image.id for tag, image in archive_images(path).items()}
 
 
 def cached_big_part(path: Path) -> bytes | None:
