@@ -235,8 +235,9 @@ def openapi_document() -> dict[str, Any]:
                             "type": "number",
                             "minimum": 0,
                             "maximum": 100,
-                            "description": "The engine's work done: an image counts half "
-                            "when handed over, half when the engine has registered it",
+                            "description": "The engine's work done: a quarter of an image's "
+                            "share while it is handed over, the rest as the engine registers "
+                            "it (estimated from the rate it has shown, confirmed when it answers)",
                         },
                         "images": {
                             "type": "array",
