@@ -268,12 +268,11 @@ class Unlocker:
                 f"the archive does not hold {', '.join(lacking)}: it is not the archive of "
                 f"this stack at {self._settings.api_version}; nothing was loaded"
             )
-        listed = self._docker.listed() if engine else set()
         layers = [each.layers for each in engine.values()]
         sends = []
         for tag in tags:
             image = images[tag]
-            if tag in engine and engine[tag].id in image.ids and engine[tag].id in listed:
+            if tag in engine and engine[tag].whole and engine[tag].id in image.ids:
                 continue
             sends.append(_Send(tag, image, frozenset(layers_present(image, layers))))
             layers.append(tuple(layer.digest for layer in image.layers))
@@ -291,14 +290,13 @@ class Unlocker:
 
         progress.image = send.tag
         report()
-        self._send(archive, send, progress, report)
+        try:
+            self._send(archive, send, progress, report)
+        except DockerFailed:
+            self._drop_if_incomplete(send.tag)
+            raise
         engine = self._docker.inspect([send.tag]).get(send.tag)
-        if (
-            engine is not None
-            and engine.id in send.image.ids
-            and send.present
-            and engine.id not in self._docker.listed()
-        ):
+        if engine is not None and not engine.whole and engine.id in send.image.ids and send.present:
             log.warning(
                 "unlock: %s took %s without the layers it has but left it incomplete: "
                 "sending it whole",
@@ -310,15 +308,11 @@ class Unlocker:
             self._send(archive, whole, progress, report)
             send = whole
             engine = self._docker.inspect([send.tag]).get(send.tag)
-        if (
-            engine is None
-            or engine.id not in send.image.ids
-            or engine.id not in self._docker.listed()
-        ):
+        if engine is None or not engine.whole or engine.id not in send.image.ids:
             if engine is not None:
                 self._docker.remove([send.tag])
             held = "no such image" if engine is None else engine.id
-            if engine is not None and engine.id in send.image.ids:
+            if engine is not None and not engine.whole:
                 held = f"{engine.id}, incomplete"
             raise DockerFailed(
                 f"{self._docker.name} loaded {send.tag} but holds {held}, "
@@ -329,6 +323,16 @@ class Unlocker:
             "unlock: %s loaded (%d of %d)", send.tag, len(progress.images), progress.images_total
         )
         report()
+
+    def _drop_if_incomplete(self, tag: str) -> None:
+        """After a refused load: Docker's containerd store keeps the image under its tag,
+        incomplete. Remove it, so that no stack tag names an image that is not whole."""
+        try:
+            engine = self._docker.inspect([tag]).get(tag)
+        except LoaderError:
+            return  # the engine is away; the next unlock sees the image as missing anyway
+        if engine is not None and not engine.whole:
+            self._docker.remove([tag])
 
     def _send(
         self,
