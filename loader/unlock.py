@@ -26,9 +26,9 @@ from typing import Any
 from loader.archive import (
     EncryptedArchive,
     Image,
+    image_tar,
     index_members,
     layers_present,
-    oci_image_tar,
     read_images,
     starts_as_a_tar,
 )
@@ -343,7 +343,8 @@ class Unlocker:
     ) -> None:
         """Stream one image's tar into the engine; `bytes_done` ends `send.size` further on."""
         started = progress.bytes_done
-        source = _ImageStream(archive, send, progress, self._cancel, report)
+        podman = self._docker.name == "Podman"
+        source = _ImageStream(archive, send, progress, self._cancel, report, podman)
         try:
             self._docker.load(iter(source))
             _registered(progress)
@@ -429,8 +430,10 @@ class _ImageStream:
         progress: _Progress,
         cancel: threading.Event,
         on_percent: Callable[[], None],
+        podman: bool,
     ) -> None:
         self._archive = archive
+        self._podman = podman
         self._send = send
         self._progress = progress
         self._cancel = cancel
@@ -444,7 +447,9 @@ class _ImageStream:
         limit = progress.bytes_done + self._send.size
         started = time.monotonic()
         try:
-            for chunk in oci_image_tar(self._archive, self._send.image, self._send.present, CHUNK):
+            for chunk in image_tar(
+                self._archive, self._send.image, self._send.present, CHUNK, podman=self._podman
+            ):
                 if self._cancel.is_set():
                     raise Cancelled("stopped: the daemon shut down during the unlock")
                 progress.bytes_done = min(progress.bytes_done + len(chunk), limit)

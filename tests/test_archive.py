@@ -23,9 +23,9 @@ from loader.archive import (
     Image,
     Layer,
     Member,
+    image_tar,
     index_members,
     layers_present,
-    oci_image_tar,
     read_images,
     starts_as_a_tar,
 )
@@ -185,14 +185,14 @@ def test_each_image_loads_alone_and_thin_with_its_id(
             layers_present(first, [layers.layers for layers in docker.inspect(tags).values()])
             == set()
         )
-        whole = counted_load(docker, oci_image_tar(archive, first))
+        whole = counted_load(docker, image_tar(archive, first))
         assert whole > 2 * MiB
         for image in others:
             engine = docker.inspect(tags)
             present = layers_present(image, [each.layers for each in engine.values()])
             # The base is in the engine now: the tar holds only the image's own layer.
             assert present == {image.layers[0].digest}
-            sent = counted_load(docker, oci_image_tar(archive, image, present))
+            sent = counted_load(docker, image_tar(archive, image, present))
             assert sent < whole - 2 * MiB + 64 * 1024, (sent, whole)
         engine = docker.inspect(tags)
         assert {tag: each.id for tag, each in engine.items()} == {
@@ -248,7 +248,7 @@ def test_the_oci_index_names_the_image_in_full(
     # inspect (which looks up the full name) cannot find the image.
     archive = opened(encrypted_file(tmp_path, legacy_save({tag: [layer_tar("x", 1024)]})))
     image = read_images(archive, index_members(archive))[0]
-    with tarfile.open(fileobj=io.BytesIO(b"".join(oci_image_tar(archive, image)))) as tar:
+    with tarfile.open(fileobj=io.BytesIO(b"".join(image_tar(archive, image)))) as tar:
         index = tar.extractfile("index.json")
         assert index is not None
         annotations = json.loads(index.read())["manifests"][0]["annotations"]
@@ -267,7 +267,7 @@ def test_a_thin_tar_without_the_base_in_the_engine_is_refused(
     docker = Docker(private_dockerd.host)
     try:
         with pytest.raises(DockerFailed, match="Docker refused the images"):
-            counted_load(docker, oci_image_tar(archive, image, [image.layers[0].digest]))
+            counted_load(docker, image_tar(archive, image, [image.layers[0].digest]))
     finally:
         docker.close()
 
@@ -284,10 +284,46 @@ def test_a_real_docker_save_archive(
     docker = Docker(private_dockerd.host)
     try:
         for image in images:
-            counted_load(docker, oci_image_tar(archive, image))
+            counted_load(docker, image_tar(archive, image))
         assert {tag: each.id for tag, each in docker.inspect(tags).items()} == {
             image.tags[0]: image.id for image in images
         }
     finally:
         docker.close()
         remove_images(private_dockerd, tags)
+
+
+def test_for_podman_a_whole_image_goes_as_a_docker_archive_and_a_thin_one_as_oci(
+    tmp_path: Path, opened: Any
+) -> None:
+    """Podman reads a docker-archive in place but unpacks an OCI archive first; it refuses
+    a docker-archive that lacks a layer. Both shapes name the image as `podman load` does."""
+    base, own = layer_tar("base", 4096), layer_tar("own", 2048)
+    tag = "azaion/flights:latest"
+    archive = opened(encrypted_file(tmp_path, legacy_save({tag: [base, own]})))
+    image = read_images(archive, index_members(archive))[0]
+
+    def names(tar: bytes) -> list[str]:
+        with tarfile.open(fileobj=io.BytesIO(tar)) as opened_tar:
+            return opened_tar.getnames()
+
+    whole = b"".join(image_tar(archive, image, podman=True))
+    assert "index.json" not in names(whole)
+    assert "oci-layout" not in names(whole)
+    assert "manifest.json" in names(whole)
+    assert all(_blob(layer.digest) in names(whole) for layer in image.layers)
+
+    thin = b"".join(image_tar(archive, image, [image.layers[0].digest], podman=True))
+    assert {"oci-layout", "index.json", "manifest.json"} <= set(names(thin))
+    assert _blob(image.layers[0].digest) not in names(thin)
+    with tarfile.open(fileobj=io.BytesIO(thin)) as tar:
+        index = tar.extractfile("index.json")
+        assert index is not None
+        annotations = json.loads(index.read())["manifests"][0]["annotations"]
+    assert annotations["io.containerd.image.name"] == f"localhost/{tag}"
+    # Docker gets the OCI layout either way.
+    assert "index.json" in names(b"".join(image_tar(archive, image)))
+
+
+def _blob(digest: str) -> str:
+    return "blobs/sha256/" + digest.removeprefix("sha256:")

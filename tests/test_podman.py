@@ -96,14 +96,27 @@ def start(
     return start
 
 
+def podman_images(podman: PrivatePodman) -> list[dict[str, Any]]:
+    """GET /images/json from the service."""
+    import docker
+
+    with docker.APIClient(base_url=podman.host, version="auto") as api:
+        listed: list[dict[str, Any]] = api.images()
+    return listed
+
+
 async def test_the_stack_loads_into_podman_with_the_archive_ids(
-    start: Callable[..., Any], engine: Docker, tmp_path: Path
+    start: Callable[..., Any], engine: Docker, podman: PrivatePodman, tmp_path: Path
 ) -> None:
     archive = write_stack(tmp_path / "images.enc", stack_layers())
     final = await unlock(await start(images_path=archive))
     assert final["state"] == "ready", final
     ids = archive_ids(archive)
     assert {tag: image.id for tag, image in engine.inspect(STACK).items()} == ids
+    # Named as `podman load` names them, the first (sent whole, as a docker-archive) and
+    # the thin ones (OCI) alike.
+    names = {tag for image in podman_images(podman) for tag in image.get("RepoTags") or ()}
+    assert {f"localhost/{tag}" for tag in STACK} <= names, names
     # Thin: the shared base went once.
     assert final["bytesTotal"] < 2 * MiB + 7 * 160 * 1024
 

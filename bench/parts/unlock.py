@@ -33,9 +33,9 @@ from bench.results import PartResult, Row, UnlockPicture, ratio, runs
 from loader.archive import (
     EncryptedArchive,
     Image,
+    image_tar,
     index_members,
     layers_present,
-    oci_image_tar,
     read_images,
 )
 from tests.dockerd import present_images
@@ -395,7 +395,7 @@ def _thin_tars(archive: Archive, folder: Path) -> list[Path]:
         for index, (_, image, present) in enumerate(sends):
             path = folder / f"{index}.tar"
             with open(path, "wb") as out:
-                for chunk in oci_image_tar(source, image, present):
+                for chunk in image_tar(source, image, present):
                     out.write(chunk)
             paths.append(path)
     return paths
