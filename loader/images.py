@@ -33,6 +33,8 @@ STACK_IMAGES = (
 # Quick calls (inspect, info, remove). Loads have no read timeout at all: Docker is
 # silent while it registers a layer, for a second or more per 250 MB.
 QUICK_TIMEOUT = 30
+# The oldest API the calls here need (Docker 1.13); the engine's own is used once known.
+MIN_API = "1.25"
 # The SDK's default when DOCKER_HOST is unset.
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 
@@ -74,33 +76,50 @@ class Docker:
         self._lock = threading.Lock()
         self._quick: Any = None
         self._loader: Any = None
+        self._version: str | None = None
         # What the engine at DOCKER_HOST calls itself, once it has answered: errors name it.
         self.name = "Docker"
 
     def _client(self, *, load: bool) -> Any:
-        # Built on first use: with version="auto" the SDK asks the engine for its version,
-        # and the daemon may start before Docker does.
+        # Built on first use: the daemon may start before the engine does.
         self._probe()
         with self._lock:
             client = self._loader if load else self._quick
             if client is None:
                 import docker
-                import docker.errors
 
-                try:
-                    client = docker.APIClient(
-                        base_url=self._host, version="auto", timeout=None if load else QUICK_TIMEOUT
-                    )
-                except docker.errors.DockerException as exc:
-                    raise DockerUnavailable(
-                        f"cannot reach the container engine: {_reason(exc)}"
-                    ) from None
+                client = docker.APIClient(
+                    base_url=self._host,
+                    version=self._api_version(),
+                    timeout=None if load else QUICK_TIMEOUT,
+                )
                 if load:
                     self._loader = client
                 else:
                     self._quick = client
-                    self.name = _engine_name(client)
             return client
+
+    def _api_version(self) -> str:
+        """The engine's API version, asked once (GET /version) for both clients, and its
+        name with it: Podman answers /version in 0.4 s, which the SDK's version="auto" and
+        a second question would pay three times an unlock. Under self._lock."""
+        if self._version is None:
+            import docker
+            import docker.errors
+            import requests.exceptions
+
+            probe = docker.APIClient(base_url=self._host, version=MIN_API, timeout=QUICK_TIMEOUT)
+            try:
+                answer = probe.version(api_version=False)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise DockerUnavailable(
+                    f"cannot reach the container engine: {_reason(exc)}"
+                ) from None
+            finally:
+                probe.close()
+            self._version = str(answer.get("ApiVersion") or MIN_API)
+            self.name = _engine_name(answer)
+        return self._version
 
     def _probe(self) -> None:
         """Connect to a local engine's socket first: a clear error when Docker is down, and
@@ -127,6 +146,7 @@ class Docker:
                 if client is not None:
                     client.close()
             self._quick = self._loader = None
+            self._version = None  # the engine may come back another version, or another one
 
     @contextmanager
     def _calling(self, doing: str) -> Iterator[None]:
@@ -248,13 +268,15 @@ def _digest(image_id: str) -> str:
     return image_id if image_id.startswith("sha256:") else f"sha256:{image_id}"
 
 
-def _engine_name(client: Any) -> str:
-    """The engine's name for messages: Podman for Podman's Docker-compatible API."""
-    try:
-        components = client.version().get("Components") or []
-    except Exception:
-        return "Docker"
-    names = " ".join(str(component.get("Name", "")) for component in components)
+def _engine_name(version: dict[str, Any]) -> str:
+    """The engine's name for messages, from its /version: Podman for Podman's
+    Docker-compatible API."""
+    components = version.get("Components")
+    names = " ".join(
+        str(component.get("Name", ""))
+        for component in (components if isinstance(components, list) else ())
+        if isinstance(component, dict)
+    )
     return "Podman" if "Podman" in names else "Docker"
 
 
