@@ -69,35 +69,38 @@ class Spool:
 
 
 class Docker:
-    """Two SDK clients on one engine: one for quick calls, one without a read timeout for loads."""
+    """The engine through the Docker SDK: a client for quick calls, and one per load."""
 
     def __init__(self, host: str | None) -> None:
         self._host = host
         self._lock = threading.Lock()
         self._quick: Any = None
-        self._loader: Any = None
         self._version: str | None = None
         # What the engine at DOCKER_HOST calls itself, once it has answered: errors name it.
         self.name = "Docker"
 
-    def _client(self, *, load: bool) -> Any:
-        # Built on first use: the daemon may start before the engine does.
+    def _client(self) -> Any:
+        """The client for quick calls. Built on first use: the daemon may start before the
+        engine does."""
         self._probe()
         with self._lock:
-            client = self._loader if load else self._quick
-            if client is None:
+            if self._quick is None:
                 import docker
 
-                client = docker.APIClient(
-                    base_url=self._host,
-                    version=self._api_version(),
-                    timeout=None if load else QUICK_TIMEOUT,
+                self._quick = docker.APIClient(
+                    base_url=self._host, version=self._api_version(), timeout=QUICK_TIMEOUT
                 )
-                if load:
-                    self._loader = client
-                else:
-                    self._quick = client
-            return client
+            return self._quick
+
+    def _load_client(self) -> Any:
+        """A client of its own for one load, without a read timeout: loads may run side by
+        side, and a failure that closes the quick client leaves the others alone."""
+        self._probe()
+        with self._lock:
+            version = self._api_version()
+        import docker
+
+        return docker.APIClient(base_url=self._host, version=version, timeout=None)
 
     def _api_version(self) -> str:
         """The engine's API version, asked once (GET /version) for both clients, and its
@@ -142,10 +145,9 @@ class Docker:
 
     def close(self) -> None:
         with self._lock:
-            for client in (self._quick, self._loader):
-                if client is not None:
-                    client.close()
-            self._quick = self._loader = None
+            if self._quick is not None:
+                self._quick.close()
+            self._quick = None
             self._version = None  # the engine may come back another version, or another one
 
     @contextmanager
@@ -184,7 +186,7 @@ class Docker:
         (in the image list)."""
         import docker.errors
 
-        api = self._client(load=False)
+        api = self._client()
         found = {}
         with self._calling("inspect the images"):
             for tag in tags:
@@ -204,7 +206,7 @@ class Docker:
         """The IDs in the engine's image list ("sha256:..."). Docker's containerd store
         leaves out an image it holds incompletely, which inspect still answers."""
         with self._calling("list the images"):
-            listed = self._client(load=False).images()
+            listed = self._client().images()
         return {_digest(str(image.get("Id", ""))) for image in listed}
 
     def spools(self) -> list[Spool]:
@@ -212,7 +214,7 @@ class Docker:
         data root; Podman's storage and the folder it spools a load into (its
         imageCopyTmpDir, /var/tmp unless its TMPDIR says otherwise). A folder that cannot be
         seen from here (another mount namespace, a remote engine) is left out."""
-        api = self._client(load=False)
+        api = self._client()
         with self._calling("read where the engine keeps its images"):
             root = api.info().get("DockerRootDir")
             places = [("data root", root)] if root else []
@@ -236,7 +238,7 @@ class Docker:
         import docker.errors
         import requests.exceptions
 
-        api = self._client(load=False)
+        api = self._client()
         for tag in tags:
             try:
                 api.remove_image(tag)
@@ -249,8 +251,8 @@ class Docker:
 
         Docker answers 200 and reports failures inside its stream, so every message is read.
         """
-        api = self._client(load=True)
-        with self._calling("load the images"):
+        api = self._load_client()
+        with contextlib.closing(api), self._calling("load the images"):
             # The SDK's load_image() leaves its response open when we stop reading early;
             # its own building blocks (stable since docker-py 1.x) let us close it.
             response = api._post(

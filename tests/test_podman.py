@@ -130,16 +130,19 @@ async def test_a_failed_unlock_on_podman_keeps_what_it_completed_and_resumes(
     assert failed["state"] == "error", failed
     assert f"(loading {STACK[3]})" in failed["error"], failed
     kept = engine.inspect(STACK)
-    assert sorted(kept) == sorted(STACK[:3])
+    # Podman loads two at a time: images started beside the damaged one may be in too.
+    assert set(STACK[:3]) <= set(kept), sorted(kept)
+    assert STACK[3] not in kept, sorted(kept)
     good = write_stack(tmp_path / "good.enc", layers)
     ids = archive_ids(good)
-    assert {tag: image.id for tag, image in kept.items()} == {tag: ids[tag] for tag in STACK[:3]}
+    assert {tag: image.id for tag, image in kept.items()} == {tag: ids[tag] for tag in kept}
 
     final = await unlock(await start(images_path=good))
     assert final["state"] == "ready", final
     assert {tag: image.id for tag, image in engine.inspect(STACK).items()} == ids
-    # Only the four missing images went, without the base the engine has.
-    assert final["bytesTotal"] < 4 * 160 * 1024, final
+    # Only the missing images went, without the base the engine has.
+    assert final["imagesDone"] == 7, final
+    assert final["bytesTotal"] < (7 - len(kept)) * 160 * 1024, final
 
 
 async def test_an_engine_away_is_named_as_at_docker_host(
