@@ -65,9 +65,10 @@ CONCURRENCY = {"Docker": 1, "Podman": 2}
 # Docker spools each image's tar to its data root, then unpacks its layers beside it: it
 # needs the layers it lacks, plus the largest image's tar at once, plus room to spare.
 SPACE_MARGIN = 256 * 1000**2
-# Podman's API writes a loaded tar to its temporary folder, unpacks it there, and stages
-# its blobs there again before committing them to its storage.
-PODMAN_SPOOL_COPIES = 3
+# Podman's API writes a loaded tar to its temporary folder and stages its blobs there again
+# before committing them to its storage; an OCI archive (a thin image) it unpacks there too.
+PODMAN_WHOLE_COPIES = 2
+PODMAN_THIN_COPIES = 3
 
 
 class UnlockState(str, enum.Enum):
@@ -452,10 +453,10 @@ class Unlocker:
         flight.sent = started + send.size
 
     def _check_space(self, sends: list[_Send]) -> None:
-        """Refuse early when the engine lacks room for the layers it will keep plus the
-        largest image's tar while it is spooled (Docker: once, in its data root; Podman:
-        three times in its temporary folder, as the tar, unpacked, and staged for its
-        storage: bench/ row 1e measured 3.0x the image)."""
+        """Refuse early when the engine lacks room for the layers it will keep plus what it
+        spools while it loads: Docker, the image's tar in its data root; Podman, in its
+        temporary folder, a whole image twice (the tar, its blobs staged for storage) and a
+        thin one three times (unpacked too), two images at a time (bench/ row 1e)."""
         spools = self._docker.spools()
         if not spools:
             log.info("cannot see where the engine keeps its images: not checking free space")
@@ -470,8 +471,8 @@ class Unlocker:
                 need = layers if podman else layers + largest
                 what = f"{_gb(layers)} of images" + ("" if podman else " spooled one by one")
             else:
-                need = PODMAN_SPOOL_COPIES * largest
-                what = f"the largest image ({_gb(largest)}) spooled, unpacked and staged"
+                need = _podman_spool(sends)
+                what = f"{_gb(need)} of images spooled, unpacked and staged"
             needs[spool.device] = needs.get(spool.device, SPACE_MARGIN) + need
             why.setdefault(spool.device, []).append(f"{what} under {spool.path}")
         for spool in spools:
@@ -659,6 +660,14 @@ def _percent(p: _Progress) -> float:
                 estimated += size * min(ESTIMATE_CAP, (now - since) * p.rate / size)
     done = SEND_SHARE * sent + (1 - SEND_SHARE) * (registered + estimated)
     return min(100.0, round(100 * done / p.bytes_total, 1))
+
+
+def _podman_spool(sends: list[_Send]) -> int:
+    """The peak of Podman's temporary folder over the loads, CONCURRENCY at a time."""
+    copies = sorted(
+        (PODMAN_THIN_COPIES if send.present else PODMAN_WHOLE_COPIES) * send.size for send in sends
+    )
+    return sum(copies[-CONCURRENCY["Podman"] :])
 
 
 def _collect(future: asyncio.Future[None]) -> None:
