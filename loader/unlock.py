@@ -58,10 +58,11 @@ SEND_SHARE = 0.25
 # While the engine registers an image, `percent` moves on at the rate the engine has shown
 # so far, up to this share of that image's part: it never claims what has not been seen.
 ESTIMATE_CAP = 0.95
-# Images loaded at once, by engine (bench/ rows 1c and 1d): Docker 20.10 loads no faster two
-# or three at a time; Podman, which spools and unpacks each tar before it registers it,
-# loads the images after the first 36% faster two at a time (three: no better).
-CONCURRENCY = {"Docker": 1, "Podman": 2}
+# Images loaded at once (bench/ rows 1c, 1d): the engine registers one image's layers while
+# the next arrives. Docker 20.10 loads the images after the first 15% faster two at a time
+# (three: 18%), Podman 36% (three: no better). A second image joins only while the bytes in
+# flight stay within the largest image's: the engine's spool never holds more than that.
+CONCURRENCY = 2
 # Docker spools each image's tar to its data root, then unpacks its layers beside it: it
 # needs the layers it lacks, plus the largest image's tar at once, plus room to spare.
 SPACE_MARGIN = 256 * 1000**2
@@ -285,19 +286,21 @@ class Unlocker:
     async def _load_all(
         self, archive: EncryptedArchive, sends: list[_Send], progress: _Progress
     ) -> None:
-        """Load the images, CONCURRENCY[engine] at a time, each after those that bring layers
-        it leaves out. After a failure no other image starts; those in flight finish (and
-        are kept if whole), and the first failure is the unlock's."""
-        limit = CONCURRENCY.get(self._docker.name, 1)
+        """Load the images, up to CONCURRENCY at a time while the bytes in flight stay within
+        the largest image's, each after those that bring layers it leaves out. After a
+        failure no other image starts; those in flight finish (and are kept if whole), and
+        the first failure is the unlock's."""
+        budget = max((send.size for send in sends), default=0)
         waiting = list(sends)
         running: dict[asyncio.Future[None], _Send] = {}
         done: set[str] = set()
         failure: BaseException | None = None
         try:
             while waiting or running:
-                while failure is None and len(running) < limit:
+                while failure is None and len(running) < CONCURRENCY:
                     ready = next((send for send in waiting if send.after <= done), None)
-                    if ready is None:
+                    flying = sum(send.size for send in running.values())
+                    if ready is None or (running and flying + ready.size > budget):
                         break
                     waiting.remove(ready)
                     loading = asyncio.ensure_future(
@@ -456,7 +459,8 @@ class Unlocker:
         """Refuse early when the engine lacks room for the layers it will keep plus what it
         spools while it loads: Docker, the image's tar in its data root; Podman, in its
         temporary folder, a whole image twice (the tar, its blobs staged for storage) and a
-        thin one three times (unpacked too), two images at a time (bench/ row 1e)."""
+        thin one three times (unpacked too) (bench/ row 1e). Images in flight together hold
+        at most the largest image's bytes."""
         spools = self._docker.spools()
         if not spools:
             log.info("cannot see where the engine keeps its images: not checking free space")
@@ -663,11 +667,11 @@ def _percent(p: _Progress) -> float:
 
 
 def _podman_spool(sends: list[_Send]) -> int:
-    """The peak of Podman's temporary folder over the loads, CONCURRENCY at a time."""
-    copies = sorted(
-        (PODMAN_THIN_COPIES if send.present else PODMAN_WHOLE_COPIES) * send.size for send in sends
-    )
-    return sum(copies[-CONCURRENCY["Podman"] :])
+    """The peak of Podman's temporary folder: the images in flight hold at most the largest
+    image's bytes, each spooled twice when whole, three times when thin."""
+    largest = max((send.size for send in sends), default=0)
+    copies = PODMAN_THIN_COPIES if any(send.present for send in sends) else PODMAN_WHOLE_COPIES
+    return copies * largest
 
 
 def _collect(future: asyncio.Future[None]) -> None:
