@@ -388,6 +388,8 @@ class Unlocker:
         progress: _Progress,
         report: Callable[[], None],
     ) -> None:
+        """Send the image, check that the engine holds it whole with the archive's ID; a
+        thin load left incomplete is sent again whole; anything else under the tag goes."""
         try:
             self._send(archive, send, flight, progress, report)
         except DockerFailed:
