@@ -388,13 +388,28 @@ class Unlocker:
         progress: _Progress,
         report: Callable[[], None],
     ) -> None:
-        """Send the image, check that the engine holds it whole with the archive's ID; a
-        thin load left incomplete is sent again whole; anything else under the tag goes."""
+        """Send the image, check that the engine holds it whole with the archive's ID. A
+        thin load the engine refuses or leaves incomplete is sent again whole (an engine
+        that takes no thin tar gets whole ones); anything else under the tag goes."""
         try:
             self._send(archive, send, flight, progress, report)
-        except DockerFailed:
+        except DockerFailed as exc:
             self._drop_if_incomplete(send.tag)
-            raise
+            if not send.present:
+                raise
+            log.warning(
+                "unlock: %s refused %s without the layers it has (%s): sending it whole",
+                self._docker.name,
+                send.tag,
+                exc.message,
+            )
+            send = _Send(send.tag, send.image, frozenset())
+            _grow(progress, flight, send.size)
+            try:
+                self._send(archive, send, flight, progress, report)
+            except DockerFailed:
+                self._drop_if_incomplete(send.tag)
+                raise
         engine = self._docker.inspect([send.tag]).get(send.tag)
         if engine is not None and not engine.whole and engine.id in send.image.ids and send.present:
             log.warning(

@@ -3,6 +3,7 @@ each ID checked, resumed after a failure, and errors that name the engine at DOC
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -122,13 +123,18 @@ async def test_the_stack_loads_into_podman_with_the_archive_ids(
 
 
 async def test_a_failed_unlock_on_podman_keeps_what_it_completed_and_resumes(
-    start: Callable[..., Any], engine: Docker, tmp_path: Path
+    start: Callable[..., Any], engine: Docker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     layers = stack_layers()
     damaged = write_stack(tmp_path / "damaged.enc", layers, damaged=STACK[3])
-    failed = await unlock(await start(images_path=damaged))
+    with caplog.at_level(logging.WARNING, logger="loader.unlock"):
+        failed = await unlock(await start(images_path=damaged))
     assert failed["state"] == "error", failed
     assert f"(loading {STACK[3]})" in failed["error"], failed
+    # A refused thin load is tried once more whole (for engines that take no thin tar),
+    # and the image's own damage is refused again.
+    assert f"Podman refused {STACK[3]} without the layers it has" in caplog.text
+    assert "sending it whole" in caplog.text
     kept = engine.inspect(STACK)
     # Podman loads two at a time: images started beside the damaged one may be in too.
     assert set(STACK[:3]) <= set(kept), sorted(kept)
