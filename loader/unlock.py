@@ -123,6 +123,8 @@ class _Progress:
     registered_seconds: float = 0.0
     images: list[str] = field(default_factory=list)
     images_total: int = 0
+    # The engine refused a thin tar and took the same image whole: the rest go whole.
+    whole_only: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -391,6 +393,10 @@ class Unlocker:
         """Send the image, check that the engine holds it whole with the archive's ID. A
         thin load the engine refuses or leaves incomplete is sent again whole (an engine
         that takes no thin tar gets whole ones); anything else under the tag goes."""
+        if send.present and progress.whole_only:
+            whole = _Send(send.tag, send.image, frozenset())
+            _grow(progress, flight, whole.size - send.size)
+            send = whole
         try:
             self._send(archive, send, flight, progress, report)
         except DockerFailed as exc:
@@ -410,6 +416,13 @@ class Unlocker:
             except DockerFailed:
                 self._drop_if_incomplete(send.tag)
                 raise
+            if not progress.whole_only:
+                log.warning(
+                    "unlock: %s took %s whole but not thin: the other images go whole too",
+                    self._docker.name,
+                    send.tag,
+                )
+                progress.whole_only = True
         engine = self._docker.inspect([send.tag]).get(send.tag)
         if engine is not None and not engine.whole and engine.id in send.image.ids and send.present:
             log.warning(
