@@ -142,14 +142,12 @@ def machine_options(private_dockerd: PrivateDockerd) -> dict[str, Any]:
     return {"binds": [f"{private_dockerd.socket.parent}:{DOCKER_DIR}"]}
 
 
-@pytest.fixture(scope="session")
-def booted(work_dir: Path, machine_options: dict[str, Any]) -> Iterator[Booted]:
-    """The current tree's package and the Debian root, made side by side; then the boot."""
-    root = work_dir / "root"
-    build_log, root_log = work_dir / "build.log", work_dir / "root.log"
+def build_packages(work_dir: Path) -> subprocess.Popen[bytes]:
+    """Start building the two .debs (this tree, and the same as a newer version to upgrade
+    to) into `work_dir`/deb and `work_dir`/upgrade; its log is `work_dir`/build.log."""
     build_deb = REPO / "scripts" / "build-deb"
-    with open(build_log, "wb") as blog, open(root_log, "wb") as rlog:
-        builds = subprocess.Popen(
+    with open(work_dir / "build.log", "wb") as blog:
+        return subprocess.Popen(
             [
                 "sh",
                 "-ec",
@@ -163,27 +161,63 @@ def booted(work_dir: Path, machine_options: dict[str, Any]) -> Iterator[Booted]:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        making_root = subprocess.Popen(
-            [REPO / "scripts" / "debian-root", "--cache", CACHE, root],
+
+
+def make_root(root: Path, log: Path, *options: str) -> subprocess.Popen[bytes]:
+    """Start `scripts/debian-root` (cached) into `root`, with `options` (--suite, ...)."""
+    with open(log, "wb") as rlog:
+        return subprocess.Popen(
+            [REPO / "scripts" / "debian-root", "--cache", CACHE, *options, root],
             stdout=rlog,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-        for process in (making_root, builds):
-            process.wait()
-        _check(making_root, root_log, "scripts/debian-root")
-        _check(builds, build_log, "scripts/build-deb")
-    packages = Packages(
+
+
+@pytest.fixture(scope="session")
+def packages(work_dir: Path) -> Packages:
+    """The two .debs, built once for every booted Debian of the session (`booted` may
+    have built them already, beside making its root)."""
+    if list((work_dir / "upgrade").glob("azaion-loader_*_all.deb")):
+        return _packages(work_dir)
+    builds = build_packages(work_dir)
+    builds.wait()
+    _check(builds, work_dir / "build.log", "scripts/build-deb")
+    return _packages(work_dir)
+
+
+def _packages(work_dir: Path) -> Packages:
+    return Packages(
         deb=next((work_dir / "deb").glob("azaion-loader_*_all.deb")),
         upgrade_deb=next((work_dir / "upgrade").glob("azaion-loader_*_all.deb")),
         changes=next((work_dir / "deb").glob("azaion-loader_*.changes")),
     )
-    (root / DEB_DIR.lstrip("/")).mkdir(parents=True)
+
+
+def put_packages(root: Path, packages: Packages) -> None:
+    """The .debs under DEB_DIR, and the socket client, in the root."""
+    (root / DEB_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
     for deb in (packages.deb, packages.upgrade_deb):
         shutil.copy(deb, root / DEB_DIR.lstrip("/"))
     client = root / CLIENT.lstrip("/")
+    client.parent.mkdir(parents=True, exist_ok=True)
     client.write_text(CLIENT_SOURCE)
     client.chmod(0o755)
+
+
+@pytest.fixture(scope="session")
+def booted(work_dir: Path, machine_options: dict[str, Any]) -> Iterator[Booted]:
+    """The current tree's package and the Debian 12 root, made side by side; then the boot."""
+    root = work_dir / "root"
+    root_log = work_dir / "root.log"
+    builds = build_packages(work_dir)
+    making_root = make_root(root, root_log)
+    for process in (making_root, builds):
+        process.wait()
+    _check(making_root, root_log, "scripts/debian-root")
+    _check(builds, work_dir / "build.log", "scripts/build-deb")
+    packages = _packages(work_dir)
+    put_packages(root, packages)
 
     machine = Machine(root, work_dir / "nspawn.log", **machine_options)
     try:
