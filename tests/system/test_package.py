@@ -145,8 +145,8 @@ def test_units_verify(installed: Booted) -> None:
         "systemd-analyze",
         "verify",
         "--man=no",
-        f"/lib/systemd/system/{SOCKET}",
-        f"/lib/systemd/system/{SERVICE}",
+        f"/usr/lib/systemd/system/{SOCKET}",
+        f"/usr/lib/systemd/system/{SERVICE}",
         check=False,
     )
     assert result.returncode == 0, result.stderr
