@@ -173,9 +173,13 @@ async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
 
 
 async def _form_text(part: BodyPartReader) -> str:
-    raw = await part.read_chunk(_MAX_FIELD)
-    if not part.at_eof():
-        raise ValidationFailed(f"body.{part.name}: too long")
+    # One read_chunk may end short of the part's end: aiohttp 3.8 (Debian 12's) returns what
+    # the stream holds when the field's boundary has not arrived yet. Read on to the boundary.
+    raw = b""
+    while not part.at_eof():
+        raw += await part.read_chunk(_MAX_FIELD)
+        if len(raw) >= _MAX_FIELD:
+            raise ValidationFailed(f"body.{part.name}: too long")
     try:
         return raw.decode()
     except UnicodeDecodeError:
