@@ -82,10 +82,11 @@ def make_app(settings: Settings, redact: Redactor, notifier: Notifier) -> web.Ap
 
 async def _resource_api(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    tls: ssl.SSLContext | bool = True  # aiohttp's default: verify against the system's CAs
+    # Always a context of our own, verifying against the system's CAs: aiohttp 3.8 (Debian 12's)
+    # reads ssl=True as "do not verify" (only its default, None, verifies), 3.9+ as "verify".
+    tls = ssl.create_default_context()
     if settings.tls_ca_file is not None:
-        tls = ssl.create_default_context(cafile=str(settings.tls_ca_file))
-        tls.load_default_certs()
+        tls.load_verify_locations(cafile=str(settings.tls_ca_file))
     connector = aiohttp.TCPConnector(limit=32, ssl=tls)
     async with aiohttp.ClientSession(
         connector=connector,
