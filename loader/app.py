@@ -130,7 +130,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except LoaderError as exc:
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
-        return error_body(exc.status, exc.code, redact(exc.message))
+        return _unread_closes(request, error_body(exc.status, exc.code, redact(exc.message)))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -138,12 +138,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         answer = error_body(exc.status, code, detail)
         if exc.status == 405:
             answer.headers["Allow"] = exc.headers.get("Allow", "")
-        return answer
+        return _unread_closes(request, answer)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        return error_body(500, "internal-error", "internal error: see the daemon's log")
+        return _unread_closes(
+            request, error_body(500, "internal-error", "internal error: see the daemon's log")
+        )
+
+
+def _unread_closes(request: web.Request, answer: web.Response) -> web.Response:
+    """A refusal sent before the body was read closes the connection: aiohttp 3.8 (Debian 12's)
+    took the rest of that body as the connection's next request ("Bad status line")."""
+    if not request.content.is_eof():
+        answer.force_close()
+    return answer
 
 
 @web.middleware
