@@ -48,7 +48,6 @@ unit: venv
 # already. docker 5.0.3 compares API versions with distutils' StrictVersion, which warns.
 DEBIAN_DESELECT = \
 	--ignore=tests/system \
-	--deselect tests/faults/test_fuzz.py::test_schema_driven_fuzz \
 	--deselect tests/test_docker26.py::test_the_containerd_store_holding_the_base_only_compressed_gets_the_image_whole \
 	--deselect tests/test_podman.py::test_podman_s_temporary_folder_too_small_is_refused_up_front \
 

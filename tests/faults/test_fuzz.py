@@ -67,6 +67,10 @@ class UnixAdapter(HTTPAdapter):
     ) -> HTTPConnectionPool:
         return self._pool
 
+    def get_connection(self, url: Any, proxies: Any = None) -> HTTPConnectionPool:
+        # requests < 2.32.2 (Debian 12's 2.28.1) asks this one instead.
+        return self._pool
+
     def close(self) -> None:
         self._pool.close()
         super().close()
