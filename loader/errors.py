@@ -1,7 +1,7 @@
 """Every error the loader answers with, and what each means to a caller.
 
     LoaderError                    500 internal-error
-    ├── ConfigError                (start-up only: a bad environment variable)
+    ├── ConfigError                503 config-error         (a bad setting, told at start-up)
     ├── ServerError                (start-up only: the socket cannot be served)
     ├── BadRequest                 400 bad-request
     │   ├── InvalidName            400 invalid-name
@@ -47,6 +47,7 @@ class LoaderError(Exception):
 class ConfigError(LoaderError):
     """An environment variable has a value the loader cannot use."""
 
+    status = 503
     code = "config-error"
 
     def __init__(self, variable: str, problem: str) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import json
 import logging
 import os
 import sys
+from http import HTTPStatus
 
-from loader import __version__, cli
+from loader import __version__, cli, systemd
 from loader import log as logs
 from loader.errors import ConfigError, ServerError
 from loader.settings import Settings
@@ -17,6 +19,8 @@ from loader.settings import Settings
 log = logging.getLogger("loader")
 
 # sysexits.h EX_CONFIG: the unit's RestartPreventExitStatus= stops a restart loop on bad config.
+# Socket-activated, the daemon first answers the requests waiting (503 config-error), so
+# none is left to start it again: each later request starts it once, until the fix.
 EXIT_CONFIG = 78
 EXIT_FAILURE = 1
 
@@ -56,6 +60,7 @@ def serve() -> int:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
         log.error("configuration error: %s", exc.message)
+        _answer_waiting(f"configuration error: {redact(exc.message)}", exc.status, exc.code)
         return EXIT_CONFIG
     logging.getLogger().setLevel(settings.log_level.upper())
 
@@ -67,6 +72,21 @@ def serve() -> int:
         log.error("cannot start: %s", exc.message)
         return EXIT_FAILURE
     return 0
+
+
+def _answer_waiting(detail: str, status: int, code: str) -> None:
+    """Under socket activation: `status` to the requests already waiting on the socket."""
+    try:
+        sock = systemd.inherited_socket(os.environ)
+    except ServerError:
+        return
+    if sock is None:
+        return
+    body = json.dumps({"detail": detail, "code": code}).encode()
+    line = f"{status} {HTTPStatus(status).phrase}"
+    answered = systemd.answer_waiting(sock, line, body)
+    if answered:
+        log.error("answered %d waiting request(s) with %s %s", answered, status, code)
 
 
 def _tune_malloc() -> None:

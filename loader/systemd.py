@@ -61,6 +61,64 @@ def inherited_socket(env: MutableMapping[str, str]) -> socket.socket | None:
     return sock
 
 
+def answer_waiting(sock: socket.socket, status: str, body: bytes, limit: int = 64) -> int:
+    """Answer each request waiting in `sock`'s backlog with `status` and `body` (JSON), and
+    return how many were answered.
+
+    A daemon that cannot start (a bad setting) does this before it exits: a connection left
+    waiting would make the socket unit start it again at once, in a loop for as long as the
+    connection stays queued (even after its client gave up). Each request's head and a small
+    body are read first: closing a Unix socket with unread data resets the caller.
+    """
+    answered = 0
+    sock.setblocking(False)
+    while answered < limit:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as exc:
+            log.warning("could not take a waiting request: %s", exc)
+            break
+        with conn:
+            try:
+                conn.settimeout(1.0)
+                _read_request(conn)
+                head = (
+                    f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                )
+                conn.sendall(head.encode() + body)
+                conn.shutdown(socket.SHUT_WR)
+                _read_request(conn)  # what is left of a body, until the caller closes
+            except OSError:
+                pass
+        answered += 1
+    return answered
+
+
+def _read_request(conn: socket.socket, most: int = 1 << 16) -> None:
+    """Read the request's head and as much of its body as Content-Length says (up to `most`)."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < most:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = int(value.strip())
+    left = min(length, most) - len(rest)
+    while left > 0:
+        chunk = conn.recv(min(left, 4096))
+        if not chunk:
+            return
+        left -= len(chunk)
+
+
 class Notifier:
     """sd_notify, quietly absent when NOTIFY_SOCKET is unset (not under systemd).
 
