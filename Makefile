@@ -49,7 +49,6 @@ unit: venv
 DEBIAN_DESELECT = \
 	--ignore=tests/system \
 	--deselect tests/test_docker26.py::test_the_containerd_store_holding_the_base_only_compressed_gets_the_image_whole \
-	--deselect tests/test_podman.py::test_podman_s_temporary_folder_too_small_is_refused_up_front \
 
 unit-debian: $(DEBIAN_VENV)/.installed
 	$(DEBIAN_BIN)/python -m tests.versions

@@ -194,6 +194,10 @@ async def test_podman_s_temporary_folder_too_small_is_refused_up_front(
         assert failed["error"].startswith("Podman needs about"), failed
         assert f"under {small.tmp}" in failed["error"], failed
         assert "is free" in failed["error"], failed
-        assert Docker(small.host).inspect(STACK) == {}
+        engine = Docker(small.host)
+        try:
+            assert engine.inspect(STACK) == {}
+        finally:
+            engine.close()  # urllib3 1.26 (Debian 12's) warns of a pooled socket left to the GC
     finally:
         small.stop()
