@@ -46,9 +46,10 @@ unit: venv
 
 # The unit suite on Debian's libraries: all but tests/system, which boots the .deb on them
 # already. docker 5.0.3 compares API versions with distutils' StrictVersion, which warns.
-# Left out: Docker 26's containerd store, sent a thin image through docker 5.0.3, refuses it
-# in the load's stream where with 7.x it takes it incomplete; the loader sends it whole either
-# way, but the test expects the second log line (to be made to accept both).
+# Left out, to be looked into: on these libraries Docker 26's containerd store refuses the thin
+# image in the load's stream ("failed to get reader from content store") where the test expects
+# it taken incomplete; the loader sends it whole and the unlock ends ready, but the log line the
+# test asserts differs. Why the libraries change the engine's answer is not yet known.
 DEBIAN_DESELECT = --ignore=tests/system \
 	--deselect tests/test_docker26.py::test_the_containerd_store_holding_the_base_only_compressed_gets_the_image_whole
 
