@@ -368,19 +368,25 @@ async def test_the_containerd_store_holding_the_base_only_compressed_gets_the_im
     assert listed_tags(docker26) >= set(STACK)
     assert set(held(engine).values()) <= engine.listed()
     said = [r.getMessage() for r in caplog.records if "sending it whole" in r.getMessage()]
+    # The engine either takes the thin tar and leaves the image incomplete, or refuses it
+    # (seen with Debian 12's Docker SDK 5.0.3): either way the image is sent again whole.
     resent = [
         tag
         for tag in STACK
-        if f"unlock: Docker took {tag} without the layers it has but left it incomplete: "
-        "sending it whole" in said
+        if any(
+            f"took {tag} without the layers it has but left it incomplete" in line
+            or f"refused {tag} without the layers it has" in line
+            for line in said
+        )
     ]
-    # The first two images go side by side, both thin: either or both are left incomplete
-    # and sent again whole; an image starts only when one before it is whole, so those
-    # after found the base whole.
+    # The first two images go side by side, both thin: either or both are sent again
+    # whole; an image starts only when one before it is whole, so those after found the
+    # base whole (unless a refusal made the rest go whole anyway).
     assert len(resent) == len(said), said
     assert resent, said
     assert set(resent) <= {STACK[0], STACK[1]}, said
     # Every image was planned thin (the engine seemed to hold the base); each one sent
     # again whole added its whole size to the work.
     thin = sum(image.size - len(base) for image in images.values())
-    assert final["bytesTotal"] == thin + sum(images[tag].size for tag in resent), final
+    extra = sum(images[tag].size for tag in resent)
+    assert thin + extra <= final["bytesTotal"] <= thin + extra + len(STACK) * len(base), final
