@@ -91,8 +91,9 @@ def answer_waiting(sock: socket.socket, status: str, body: bytes, limit: int = 6
                 conn.sendall(head.encode() + body)
                 conn.shutdown(socket.SHUT_WR)
                 _read_request(conn)  # what is left of a body, until the caller closes
-            except OSError:
-                pass
+            except OSError as exc:
+                # The caller hung up or stalled: it gets no answer, the next one still does.
+                log.debug("a waiting request went unanswered: %s", exc)
         answered += 1
     return answered
 
