@@ -3,6 +3,7 @@
     LoaderError                    500 internal-error
     ├── ConfigError                503 config-error         (a bad setting, told at start-up)
     ├── ServerError                (start-up only: the socket cannot be served)
+    ├── CrashLoop                  503 crash-loop           (start-up only: restarts stopped)
     ├── BadRequest                 400 bad-request
     │   ├── InvalidName            400 invalid-name
     │   └── NameMismatch           400 name-mismatch
@@ -59,6 +60,13 @@ class ServerError(LoaderError):
     """The socket cannot be served (taken by a live daemon, wrong fd, ...)."""
 
     code = "server-error"
+
+
+class CrashLoop(LoaderError):
+    """The daemon crashed in a loop, and this start stops systemd's restarts (systemd.Runs)."""
+
+    status = 503
+    code = "crash-loop"
 
 
 class BadRequest(LoaderError):

@@ -13,7 +13,7 @@ from http import HTTPStatus
 
 from loader import __version__, cli, systemd
 from loader import log as logs
-from loader.errors import ConfigError, ServerError
+from loader.errors import ConfigError, CrashLoop, ServerError
 from loader.settings import Settings
 
 log = logging.getLogger("loader")
@@ -22,6 +22,9 @@ log = logging.getLogger("loader")
 # Socket-activated, the daemon first answers the requests waiting (503 config-error), so
 # none is left to start it again: each later request starts it once, until the fix.
 EXIT_CONFIG = 78
+# sysexits.h EX_TEMPFAIL: this start ends a crash loop (systemd.Runs); the unit's
+# RestartPreventExitStatus= does not restart it, and the next request starts it again.
+EXIT_CRASH_LOOP = 75
 EXIT_FAILURE = 1
 
 
@@ -56,12 +59,25 @@ def serve() -> int:
     _tune_malloc()
     redact = logs.Redactor()
     logs.setup("info", redact)
+    runs = systemd.Runs.from_env(os.environ)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
+        runs.clean()
         log.error("configuration error: %s", exc.message)
         _answer_waiting(f"configuration error: {redact(exc.message)}", exc.status, exc.code)
         return EXIT_CONFIG
+    if not runs.start():
+        told = CrashLoop(
+            f"the daemon crashed {runs.crashes} times in a row, each within "
+            f"{systemd.CRASH_LOOP_WINDOW:.0f} s of its start: it is not restarted again "
+            "until the next request (see `journalctl -u azaion-loader`)"
+        )
+        log.error("%s", told.message)
+        _answer_waiting(told.message, told.status, told.code)
+        return EXIT_CRASH_LOOP
+    if runs.crashes:
+        log.warning("starting after %d crash(es) in a row", runs.crashes)
     logging.getLogger().setLevel(settings.log_level.upper())
 
     from loader.server import serve as serve_forever
@@ -71,6 +87,7 @@ def serve() -> int:
     except ServerError as exc:
         log.error("cannot start: %s", exc.message)
         return EXIT_FAILURE
+    runs.clean()
     return 0
 
 

@@ -10,7 +10,9 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from pathlib import Path
 
 import sdnotify
 
@@ -172,3 +174,96 @@ def _watchdog_interval(env: MutableMapping[str, str]) -> float | None:
         log.warning("ignoring WATCHDOG_USEC=%r: not a number of microseconds", usec)
         return None
     return value / 1_000_000 if value > 0 else None
+
+
+# A crash loop: this many runs in a row, each ended by a crash within CRASH_LOOP_WINDOW of its
+# start (a run that ends later is a crash on its own, not part of a loop).
+CRASH_LOOP_RUNS = 5
+CRASH_LOOP_WINDOW = 60.0
+
+
+class Runs:
+    """How the daemon's last runs ended, kept in `$RUNTIME_DIRECTORY/runs` (/run/azaion-loader)
+    to stop systemd's restarts of a daemon that crashes in a loop.
+
+    The unit restarts a crashed daemon (`Restart=on-failure`) and sets no start limit, since
+    systemd would count clean starts too and fail the socket with it. So the daemon counts:
+    each start records itself, a clean exit clears the record, and a start that finds a
+    record left by a run that crashed within a minute of its start counts one more crash
+    in a row. The start after CRASH_LOOP_RUNS of them stops the loop: it exits with a status
+    the unit does not restart (75). The next start (a request, or someone starting it) runs
+    the daemon again: once, if the cause is still there.
+
+    Times are the monotonic clock's, which counts from boot for every process (a device
+    without a real-time clock jumps when it first syncs). /run is emptied at boot, so a
+    power cut is not a crash. Not under systemd
+    (no RUNTIME_DIRECTORY), nothing is kept and nothing is stopped.
+    """
+
+    def __init__(self, directory: Path | None, now: Callable[[], float] = time.monotonic) -> None:
+        self.path = directory / "runs" if directory is not None else None
+        self._now = now
+        self.crashes = 0
+        self._stopped = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Runs:
+        directory = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        return cls(Path(directory) if directory else None)
+
+    def start(self) -> bool:
+        """Count the crashes in a row before this start and record it; False when this
+        start ends a crash loop (it must not run)."""
+        if self.path is None:
+            return True
+        now = self._now()
+        last = self._read()
+        if last is not None and last[0] == "running":
+            started, crashes = last[1], last[2]
+            self.crashes = crashes + 1 if now - started < CRASH_LOOP_WINDOW else 1
+        elif last is not None:
+            # Started again after a loop was stopped: by a request, or by hand. Try once.
+            self.crashes, self._stopped = last[2], True
+        if self.crashes >= CRASH_LOOP_RUNS and not self._stopped:
+            self._write(f"stopped {self.crashes}")
+            return False
+        self._write(f"running {now:.3f} {self.crashes}")
+        return True
+
+    def clean(self) -> None:
+        """The daemon ends on purpose (a stop, or a setting no restart can fix)."""
+        if self.path is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot clear %s: %s", self.path, exc)
+
+    def _read(self) -> tuple[str, float, int] | None:
+        """("running", started, crashes) or ("stopped", 0, crashes), None when nothing is kept."""
+        assert self.path is not None
+        try:
+            words = self.path.read_text().split()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("ignoring %s, which cannot be read: %s", self.path, exc)
+            return None
+        try:
+            if words[0] == "running" and len(words) == 3:
+                return ("running", float(words[1]), int(words[2]))
+            if words[0] == "stopped" and len(words) == 2:
+                return ("stopped", 0.0, int(words[1]))
+        except (ValueError, IndexError):
+            pass
+        log.warning("ignoring %s: not a record of the last run", self.path)
+        return None
+
+    def _write(self, text: str) -> None:
+        assert self.path is not None
+        part = self.path.with_name(self.path.name + ".part")
+        try:
+            part.write_text(text + "\n")
+            part.replace(self.path)
+        except OSError as exc:
+            log.warning("cannot record this start in %s: %s", self.path, exc)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from loader import __version__
+from loader.systemd import CRASH_LOOP_RUNS
 from tests.conftest import EMAIL, PASSWORD
 from tests.dockerd import ArchiveInfo, PrivateDockerd, present_images
 from tests.system.conftest import DOCKER_DIR, REPO, UPGRADE_VERSION, Booted
@@ -436,8 +437,9 @@ def test_bad_setting_is_told_to_callers_and_served_once_fixed(installed: Booted)
 
 
 def test_crash_loop_is_paced_and_ends_with_its_cause(installed: Booted) -> None:
-    """A daemon that exits non-zero at every start is restarted every RestartSec=, the socket
-    stays up, and once the cause is gone the request waiting meanwhile is served."""
+    """A process that exits non-zero at every start is restarted every RestartSec=, the socket
+    stays up, and once the cause is gone the request waiting meanwhile is served. (It is not
+    the daemon, so nothing stops this loop: the next test has the daemon stop one.)"""
     machine = installed.machine
     dropin = f"/run/systemd/system/{SERVICE}.d/test-crash.conf"
     machine.write(dropin, "[Service]\nExecStart=\nExecStart=/bin/sh -c 'exit 3'\n")
@@ -465,6 +467,52 @@ def test_crash_loop_is_paced_and_ends_with_its_cause(installed: Booted) -> None:
         "ActiveState": "active",
         "Result": "success",
     }
+
+
+def test_a_crash_loop_stops_and_the_next_request_runs_the_daemon(installed: Booted) -> None:
+    """The daemon killed soon after each start: restarted 5 s later each time, until the start
+    after CRASH_LOOP_RUNS crashes in a row exits 75 and leaves the service failed. Nothing
+    starts it then; the socket listens, and the next request is served, no reset-failed."""
+    machine = installed.machine
+    restart(installed)
+    restarts = int(machine.show(SERVICE, "NRestarts")["NRestarts"])
+    for crash in range(1, CRASH_LOOP_RUNS + 1):
+        killed = main_pid(installed)
+        machine.run("systemctl", "kill", "--kill-whom=main", "--signal=SIGKILL", SERVICE)
+        if crash == CRASH_LOOP_RUNS:
+            break
+
+        def restarted(crash: int = crash, killed: int = killed) -> bool:
+            shown = machine.show(SERVICE, "NRestarts", "MainPID", "SubState")
+            return (
+                int(shown["NRestarts"]) == restarts + crash
+                and int(shown["MainPID"]) not in (0, killed)
+                and shown["SubState"] == "running"
+            )
+
+        machine.wait_for(f"restart {crash} after a crash", restarted, timeout=20)
+
+    machine.wait_for(
+        "the crash loop to stop", lambda: active(installed, SERVICE) == "failed", timeout=20
+    )
+    shown = machine.show(SERVICE, "NRestarts", "ExecMainStatus")
+    assert shown == {
+        "NRestarts": str(restarts + CRASH_LOOP_RUNS),
+        "ExecMainStatus": "75",
+    }, shown
+    journal = machine.journal(SERVICE, lines=200)
+    assert f"crashed {CRASH_LOOP_RUNS} times in a row" in journal, journal
+    assert machine.show(SOCKET, "ActiveState", "Result") == {
+        "ActiveState": "active",
+        "Result": "success",
+    }
+    assert health(installed)["status"] == 200
+    assert active(installed, SERVICE) == "active"
+    told = machine.journal(SERVICE, lines=500).count("crash(es) in a row")
+    assert f"starting after {CRASH_LOOP_RUNS} crash(es) in a row" in machine.journal(SERVICE)
+    restart(installed)  # a clean stop clears the count: this start follows no crash
+    assert machine.journal(SERVICE, lines=500).count("crash(es) in a row") == told
+    assert not exists(installed, "/run/azaion-loader/runs.part")
 
 
 def test_watchdog_restarts_a_frozen_daemon(installed: Booted) -> None:
