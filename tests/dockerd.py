@@ -214,6 +214,7 @@ class PrivateDockerd:
             "--bridge=none",
             "--iptables=false",
             "--ip6tables=false",
+            "--ip-forward=false",
             "--ip-masq=false",
             "--containerd-namespace=azl-test-moby",
             "--containerd-plugins-namespace=azl-test-plugins",
