@@ -37,7 +37,7 @@ check: venv
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/mypy $(SOURCES)
-	shellcheck dev scripts/run-dev scripts/build-deb scripts/debian-root packaging/debian/azaion-loader.postrm
+	shellcheck dev scripts/run-dev scripts/build-deb scripts/debian-root scripts/ubuntu-libs packaging/debian/azaion-loader.postrm
 	# The unit's exposure, in tenths: 15 is 1.5 (docker.service scores 9.6).
 	systemd-analyze security --offline=true --threshold=15 --no-pager systemd/azaion-loader.service >/dev/null
 
