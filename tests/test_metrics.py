@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -234,3 +236,15 @@ async def test_the_cli_writes_a_textfile_for_node_exporter(
     )
     assert nowhere.code == 1
     assert "cannot write" in nowhere.err
+
+
+def test_the_daemon_starts_without_prometheus_client() -> None:
+    """Imported at the first scrape: the cold start by socket activation does not pay for it."""
+    probe = (
+        "import sys, loader.main, loader.server, loader.app, loader.routes, loader.cli; "
+        "print('prometheus_client' in sys.modules)"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert answer.stdout.strip() == "False"
