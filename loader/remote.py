@@ -179,11 +179,7 @@ class ResourceAPI:
                     raise _untrusted("the CDN", exc) from None
                 except (*_TRANSIENT, _CdnFailing) as exc:
                     if attempt == attempts:
-                        if isinstance(exc, _CdnFailing):
-                            raise exc.refusal from None
-                        raise RemoteUnavailable(
-                            f"could not reach the CDN for {what}: {_describe(exc)}"
-                        ) from None
+                        raise _gave_up(exc, f"could not reach the CDN for {what}") from None
                     self._metrics.remote_call("cdn", "retried")
                     await asyncio.sleep(_backoff(attempt))
         except LoaderError as exc:
@@ -223,11 +219,7 @@ class ResourceAPI:
                     raise _untrusted("the CDN", exc) from None
                 except (*_TRANSIENT, _CdnFailing) as exc:
                     if attempt == attempts:
-                        if isinstance(exc, _CdnFailing):
-                            raise exc.refusal from None
-                        raise RemoteUnavailable(
-                            f"the CDN's {what} was cut at byte {offset}: {_describe(exc)}"
-                        ) from None
+                        raise _gave_up(exc, f"the CDN's {what} was cut at byte {offset}") from None
                     log.warning(
                         "the CDN's %s was cut at byte %d (%s), attempt %d of %d: resuming",
                         what,
@@ -433,6 +425,13 @@ class _CdnFailing(Exception):
     def __init__(self, refusal: LoaderError) -> None:
         super().__init__(refusal.message)
         self.refusal = refusal
+
+
+def _gave_up(exc: Exception, unreachable: str) -> LoaderError:
+    """The error of a CDN call's last attempt: the CDN's refusal (a 5xx), or `unreachable`."""
+    if isinstance(exc, _CdnFailing):
+        return exc.refusal
+    return RemoteUnavailable(f"{unreachable}: {_describe(exc)}")
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:

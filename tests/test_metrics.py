@@ -51,6 +51,16 @@ class Scrape:
     def value(self, name: str, **labels: str) -> float:
         return self.samples[(name, tuple(sorted(labels.items())))]
 
+    def loads(self) -> dict[str, tuple[float, float]]:
+        """/load's count and bytes by source."""
+        return {
+            source: (
+                self.value("azaion_loader_resource_loads_total", source=source),
+                self.value("azaion_loader_resource_load_bytes_total", source=source),
+            )
+            for source in ("cache", "cdn")
+        }
+
     def labels(self) -> set[str]:
         return {value for key in self.samples for _, value in key[1]}
 
@@ -60,6 +70,13 @@ async def scrape(app: LocalApp) -> Scrape:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=")
         return Scrape(await resp.text())
+
+
+async def login_status(app: LocalApp, password: str) -> int:
+    async with app.session.post(
+        app.url("/login"), json={"email": EMAIL, "password": password}
+    ) as resp:
+        return resp.status
 
 
 def api(outcome: str) -> dict[str, str]:
@@ -86,10 +103,7 @@ async def test_idle_daemon_tells_its_version_state_images_and_cache(local: Local
 async def test_values_move_with_a_refused_login_an_upload_a_cdn_load_and_a_cached_load(
     local: LocalApp, settings: Settings
 ) -> None:
-    async with local.session.post(
-        local.url("/login"), json={"email": EMAIL, "password": WRONG_PASSWORD}
-    ) as resp:
-        assert resp.status == 401
+    assert await login_status(local, WRONG_PASSWORD) == 401
     refused = await scrape(local)
     assert refused.value("azaion_loader_remote_calls_total", **api("refused")) == 1
     assert refused.value("azaion_loader_remote_calls_total", **api("ok")) == 0
@@ -111,18 +125,14 @@ async def test_values_move_with_a_refused_login_an_upload_a_cdn_load_and_a_cache
     status, body, _ = await load(local, "net.onnx")
     assert (status, body) == (200, data)
     from_cdn = await scrape(local)
-    assert from_cdn.value("azaion_loader_resource_loads_total", source="cdn") == 1
-    assert from_cdn.value("azaion_loader_resource_load_bytes_total", source="cdn") == len(data)
-    assert from_cdn.value("azaion_loader_resource_loads_total", source="cache") == 0
+    assert from_cdn.loads() == {"cache": (0, 0), "cdn": (1, len(data))}
     assert from_cdn.value("azaion_loader_remote_calls_total", remote="cdn", outcome="ok") == 2
     assert from_cdn.value("azaion_loader_cache_entries") == 1
 
     status, body, _ = await load(local, "net.onnx")
     assert (status, body) == (200, data)
     cached = await scrape(local)
-    assert cached.value("azaion_loader_resource_loads_total", source="cache") == 1
-    assert cached.value("azaion_loader_resource_load_bytes_total", source="cache") == len(data)
-    assert cached.value("azaion_loader_resource_loads_total", source="cdn") == 1
+    assert cached.loads() == {"cache": (1, len(data)), "cdn": (1, len(data))}
     assert cached.value("azaion_loader_remote_calls_total", remote="cdn", outcome="ok") == 2
 
     # Labels come from fixed sets; no secret, email or name is in the answer.
@@ -155,10 +165,7 @@ async def test_retries_and_an_unreachable_remote_are_counted(
     away = await make_local_app(
         with_settings(resource_api_url=f"http://127.0.0.1:{unused_tcp_port}", api_retries=1)
     )
-    async with away.session.post(
-        away.url("/login"), json={"email": EMAIL, "password": PASSWORD}
-    ) as resp:
-        assert resp.status == 503
+    assert await login_status(away, PASSWORD) == 503
     unreachable = await scrape(away)
     assert unreachable.value("azaion_loader_remote_calls_total", **api("retried")) == 1
     assert unreachable.value("azaion_loader_remote_calls_total", **api("unreachable")) == 1
