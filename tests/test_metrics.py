@@ -4,6 +4,7 @@ values move with unlocks, loads, uploads and remote calls, and carry no secret."
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -255,3 +257,43 @@ def test_the_daemon_starts_without_prometheus_client() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert answer.stdout.strip() == "False"
+
+
+async def test_node_exporter_serves_the_textfile(
+    spawn: Spawn, settings: Settings, short_dir: Path, unused_tcp_port: int
+) -> None:
+    """The README's way end to end, where node_exporter is installed (Debian's
+    prometheus-node-exporter; ./dev does not install it, as it would start a service)."""
+    exporter = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
+    if exporter is None:
+        pytest.skip("no node_exporter here (Debian: apt-get install prometheus-node-exporter)")
+    await spawn(*loader_command(), "serve", env=daemon_env(settings))
+    await wait_for(lambda: socket_answers(settings.socket_path), what="the daemon")
+    textfiles = short_dir / "textfile"
+    textfiles.mkdir()
+    target = textfiles / "azaion-loader.prom"
+    assert (await cli("metrics", "--textfile", str(target), socket=settings.socket_path)).code == 0
+    address = f"127.0.0.1:{unused_tcp_port}"
+    await spawn(
+        exporter,
+        f"--web.listen-address={address}",
+        "--collector.disable-defaults",
+        "--collector.textfile",
+        f"--collector.textfile.directory={textfiles}",
+        env={"PATH": os.environ.get("PATH", "")},
+    )
+
+    async def served() -> str | None:
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://{address}/metrics") as resp,
+            ):
+                return await resp.text() if resp.status == 200 else None
+        except aiohttp.ClientConnectionError:
+            return None
+
+    exported = Scrape(await wait_for(served, what="node_exporter"))
+    assert exported.value("node_textfile_scrape_error") == 0, exported.text
+    assert exported.value("azaion_loader_build_info", version=__version__) == 1
+    assert exported.value("azaion_loader_unlock_state", state="idle") == 1
