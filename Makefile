@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # A second venv on Debian 12's own python3 and its python3-aiohttp, -cryptography, -docker,
-# -sdnotify and -requests (./dev test installs them), the versions the .deb runs on. Everything
+# -prometheus-client, -sdnotify and -requests (./dev test installs them), the versions the .deb runs on. Everything
 # that python3 already has is pinned, so pip adds the test tools and upgrades nothing of Debian's.
 DEBIAN_PYTHON ?= /usr/bin/python3
 DEBIAN_VENV   ?= .venv-debian

@@ -17,6 +17,7 @@ from loader.cache import ModelCache
 from loader.errors import LoaderError
 from loader.images import Docker
 from loader.log import Redactor
+from loader.metrics import Metrics
 from loader.peers import Peer, check_allowed, peer_of
 from loader.remote import ResourceAPI
 from loader.resources import Resources
@@ -48,6 +49,7 @@ def _request_key(name: str, kind: type[T]) -> web.RequestKey[T]:
 SETTINGS = _key("settings", Settings)
 REDACT = _key("redact", Redactor)
 NOTIFIER = _key("notifier", Notifier)
+METRICS = _key("metrics", Metrics)
 API = _key("api", ResourceAPI)
 DOCKER = _key("docker", Docker)
 UNLOCKER = _key("unlocker", Unlocker)
@@ -73,6 +75,7 @@ def make_app(settings: Settings, redact: Redactor, notifier: Notifier) -> web.Ap
     app[SETTINGS] = settings
     app[REDACT] = redact
     app[NOTIFIER] = notifier
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_resource_api)
     app.cleanup_ctx.append(_docker)
     app.on_shutdown.append(_stop_unlock)
@@ -93,12 +96,14 @@ async def _resource_api(app: web.Application) -> AsyncIterator[None]:
         headers={"User-Agent": f"azaion-loader/{__version__}"},
         raise_for_status=False,
     ) as session:
-        api = ResourceAPI(session, settings, app[REDACT])
+        metrics = app[METRICS]
+        api = ResourceAPI(session, settings, app[REDACT], metrics)
         app[API] = api
         cache = ModelCache(settings.model_cache_dir)
         # Before the socket is served: later, a request's live spool could look like debris.
         await asyncio.to_thread(cache.remove_debris)
-        resources = Resources(settings, api, cache)
+        metrics.cache = cache
+        resources = Resources(settings, api, cache, metrics)
         app[RESOURCES] = resources
         yield
         # Downloads nobody waits for any more must end before the session closes under them.
@@ -108,7 +113,8 @@ async def _resource_api(app: web.Application) -> AsyncIterator[None]:
 async def _docker(app: web.Application) -> AsyncIterator[None]:
     docker = Docker(app[SETTINGS].docker_host)
     app[DOCKER] = docker
-    app[UNLOCKER] = Unlocker(app[SETTINGS], app[API], docker, app[NOTIFIER], app[REDACT])
+    unlocker = Unlocker(app[SETTINGS], app[API], docker, app[NOTIFIER], app[REDACT], app[METRICS])
+    app[UNLOCKER] = app[METRICS].unlocker = unlocker
     yield
     await asyncio.to_thread(docker.close)
 

@@ -105,6 +105,20 @@ class ModelCache:
         with contextlib.suppress(FileNotFoundError):
             self.path(folder, name).unlink()
 
+    def usage(self) -> tuple[int, int]:
+        """How many entries the cache holds, and their bytes on disk (trailers included)."""
+        entries = size = 0
+        with contextlib.suppress(OSError):
+            for folder in self.root.iterdir():
+                if folder.name.startswith(".") or not folder.is_dir():
+                    continue
+                with contextlib.suppress(OSError):
+                    for entry in folder.glob("*.big"):
+                        with contextlib.suppress(OSError):
+                            size += entry.stat().st_size
+                            entries += 1
+        return entries, size
+
 
 @dataclass
 class CacheEntry:

@@ -1,4 +1,4 @@
-"""The client commands for people on the device: status, login, unlock, load, upload.
+"""The client commands for people on the device: status, login, unlock, load, upload, metrics.
 
 They talk to the daemon over its socket, as the local services do. What only a client
 command needs is imported inside it: `serve` starts on the same parser, and every
@@ -106,6 +106,19 @@ def add_commands(commands: Any) -> None:
     upload.add_argument("file", type=Path, help="the file to publish")
     upload.add_argument("--folder", required=True, help="the resource folder")
     upload.add_argument("--name", help="the resource name (default: the file's name)")
+
+    metrics = command(
+        "metrics",
+        "print the daemon's metrics in Prometheus's text format, or write them to a file "
+        "for node_exporter's textfile collector",
+        "azaion-loader metrics --textfile /var/lib/prometheus/node-exporter/azaion-loader.prom",
+    )
+    metrics.add_argument(
+        "--textfile",
+        type=Path,
+        help="write them to this file instead (replaced whole, mode 0644); name it *.prom "
+        "in node_exporter's --collector.textfile.directory",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -268,6 +281,38 @@ async def _upload(args: argparse.Namespace) -> int:
             await daemon.json("POST", f"/upload/{name}", data=form)
         progress.finish(f"uploaded {args.folder}/{name} ({total} bytes)")
     return EXIT_OK
+
+
+async def _metrics(args: argparse.Namespace) -> int:
+    async with Daemon(args.socket) as daemon, daemon.request("GET", "/metrics") as resp:
+        text = await resp.read()
+    if args.textfile is None:
+        sys.stdout.buffer.write(text)
+        sys.stdout.flush()
+    else:
+        _write_whole(args.textfile, text, mode=0o644)
+    return EXIT_OK
+
+
+def _write_whole(target: Path, data: bytes, mode: int) -> None:
+    """`target` replaced by `data` at once: a reader (node_exporter) never sees half a file.
+    The temporary file's name does not end in .prom, which the textfile collector skips."""
+    import tempfile
+
+    try:
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    except OSError as exc:
+        raise Failed(f"cannot write {target}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            os.fchmod(out.fileno(), mode)
+        os.replace(partial, target)
+    except OSError as exc:
+        raise Failed(f"cannot write {target}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
 
 
 async def _copy(resp: Any, out: BinaryIO, total: int, progress: Progress) -> None:

@@ -206,6 +206,19 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json({"$ref": "#/components/schemas/UnlockStatus"})},
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Counters and gauges in Prometheus's text format",
+                    "description": "Unlocks, loads, uploads and remote calls by outcome, the "
+                    "unlock's state, the images and the model cache (azaion_loader_*).",
+                    "responses": {
+                        "200": {
+                            "description": "OK",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",

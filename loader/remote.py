@@ -30,6 +30,7 @@ from loader.errors import (
 )
 from loader.integrity import RECORD_SUFFIX
 from loader.log import Redactor
+from loader.metrics import Metrics
 from loader.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,16 @@ class ResourceAPI:
     """Login, key fragments and resource parts, over one aiohttp ClientSession."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, settings: Settings, redact: Redactor
+        self,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        redact: Redactor,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session = session
         self._settings = settings
         self._redact = redact
+        self._metrics = metrics or Metrics()
         self._credentials: Credentials | None = None
         self._token: str | None = None
         self._login_lock = asyncio.Lock()
@@ -155,28 +161,30 @@ class ResourceAPI:
         url = f"{self._settings.cdn_url}/{folder}/{name}.big"
         what = f"the big part of {folder}/{name}"
         attempts = 1 + self._settings.api_retries
-        for attempt in range(1, attempts + 1):
-            try:
-                async with self._cdn_get(url, what, f"bytes=-{TAIL}") as resp:
-                    if resp.status == 206:
-                        body = await resp.read()
-                        total = _total_size(resp, None)
-                    else:  # the CDN ignored the Range: read through, keep the end
-                        body = await _last_bytes(resp, TAIL)
-                        total = resp.content_length
-                if total is None:
-                    raise RemoteRefused(f"the CDN did not tell the size of {what}")
-                return total, body[-TAIL:]
-            except aiohttp.ClientSSLError as exc:
-                raise _untrusted("the CDN", exc) from None
-            except (*_TRANSIENT, _CdnFailing) as exc:
-                if attempt == attempts:
-                    if isinstance(exc, _CdnFailing):
-                        raise exc.refusal from None
-                    raise RemoteUnavailable(
-                        f"could not reach the CDN for {what}: {_describe(exc)}"
-                    ) from None
-                await asyncio.sleep(_backoff(attempt))
+        try:
+            for attempt in range(1, attempts + 1):
+                try:
+                    async with self._cdn_get(url, what, f"bytes=-{TAIL}") as resp:
+                        if resp.status == 206:
+                            body = await resp.read()
+                            total = _total_size(resp, None)
+                        else:  # the CDN ignored the Range: read through, keep the end
+                            body = await _last_bytes(resp, TAIL)
+                            total = resp.content_length
+                    if total is None:
+                        raise RemoteRefused(f"the CDN did not tell the size of {what}")
+                    self._metrics.remote_call("cdn", "ok")
+                    return total, body[-TAIL:]
+                except aiohttp.ClientSSLError as exc:
+                    raise _untrusted("the CDN", exc) from None
+                except (*_TRANSIENT, _CdnFailing) as exc:
+                    if attempt == attempts:
+                        raise _gave_up(exc, f"could not reach the CDN for {what}") from None
+                    self._metrics.remote_call("cdn", "retried")
+                    await asyncio.sleep(_backoff(attempt))
+        except LoaderError as exc:
+            self._count_failure("cdn", exc)
+            raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def stream_big_part(
@@ -187,47 +195,56 @@ class ResourceAPI:
         what = f"the big part of {folder}/{name}"
         attempts = 1 + self._settings.api_retries
         total: int | None = None
-        for attempt in range(1, attempts + 1):
-            ranged = f"bytes={offset}-" if offset else None
-            try:
-                async with self._cdn_get(url, what, ranged) as resp:
-                    if resp.status == 200 and offset:
-                        raise RemoteRefused(
-                            f"the CDN ignored a Range request for {what} while resuming at byte "
-                            f"{offset}: cannot resume"
-                        )
-                    size = _total_size(resp, None)
-                    if total is None:
-                        total = size
-                    elif size is not None and size != total:
-                        raise RemoteRefused(f"the CDN's {what} changed size during the download")
-                    async for chunk in resp.content.iter_chunked(TRANSFER_CHUNK):
-                        offset += len(chunk)
-                        yield chunk
-            except aiohttp.ClientSSLError as exc:
-                raise _untrusted("the CDN", exc) from None
-            except (*_TRANSIENT, _CdnFailing) as exc:
-                if attempt == attempts:
-                    if isinstance(exc, _CdnFailing):
-                        raise exc.refusal from None
-                    raise RemoteUnavailable(
-                        f"the CDN's {what} was cut at byte {offset}: {_describe(exc)}"
-                    ) from None
-                log.warning(
-                    "the CDN's %s was cut at byte %d (%s), attempt %d of %d: resuming",
-                    what,
-                    offset,
-                    _describe(exc),
-                    attempt,
-                    attempts,
-                )
-                await asyncio.sleep(_backoff(attempt))
-                continue
-            if total is not None and offset != total:
-                raise RemoteRefused(
-                    f"the CDN sent {offset} bytes of {what}, not the {total} it announced"
-                )
-            return
+        try:
+            for attempt in range(1, attempts + 1):
+                ranged = f"bytes={offset}-" if offset else None
+                try:
+                    async with self._cdn_get(url, what, ranged) as resp:
+                        if resp.status == 200 and offset:
+                            raise RemoteRefused(
+                                f"the CDN ignored a Range request for {what} while resuming "
+                                f"at byte {offset}: cannot resume"
+                            )
+                        size = _total_size(resp, None)
+                        if total is None:
+                            total = size
+                        elif size is not None and size != total:
+                            raise RemoteRefused(
+                                f"the CDN's {what} changed size during the download"
+                            )
+                        async for chunk in resp.content.iter_chunked(TRANSFER_CHUNK):
+                            offset += len(chunk)
+                            yield chunk
+                except aiohttp.ClientSSLError as exc:
+                    raise _untrusted("the CDN", exc) from None
+                except (*_TRANSIENT, _CdnFailing) as exc:
+                    if attempt == attempts:
+                        raise _gave_up(exc, f"the CDN's {what} was cut at byte {offset}") from None
+                    log.warning(
+                        "the CDN's %s was cut at byte %d (%s), attempt %d of %d: resuming",
+                        what,
+                        offset,
+                        _describe(exc),
+                        attempt,
+                        attempts,
+                    )
+                    self._metrics.remote_call("cdn", "retried")
+                    await asyncio.sleep(_backoff(attempt))
+                    continue
+                if total is not None and offset != total:
+                    raise RemoteRefused(
+                        f"the CDN sent {offset} bytes of {what}, not the {total} it announced"
+                    )
+                self._metrics.remote_call("cdn", "ok")
+                return
+        except LoaderError as exc:
+            self._count_failure("cdn", exc)
+            raise
+
+    def _count_failure(self, remote: str, exc: LoaderError) -> None:
+        """The last attempt of a call failed: no answer, or an answer that says no."""
+        unreachable = isinstance(exc, (RemoteUnavailable, RemoteUntrusted))
+        self._metrics.remote_call(remote, "unreachable" if unreachable else "refused")
 
     @asynccontextmanager
     async def _cdn_get(
@@ -357,6 +374,7 @@ class ResourceAPI:
         """Status and body of a call with a small answer. Failures in transit and 5xx are
         retried with exponential backoff and jitter when the call is idempotent."""
         attempts = 1 + (self._settings.api_retries if idempotent else 0)
+        remote = "cdn" if self._where(url) == "the CDN" else "api"
         for attempt in range(1, attempts + 1):
             try:
                 # A callable body is made anew for each attempt (a file is read once).
@@ -371,9 +389,11 @@ class ResourceAPI:
                 ) as resp:
                     status, body = resp.status, await resp.read()
             except aiohttp.ClientSSLError as exc:
+                self._metrics.remote_call(remote, "unreachable")
                 raise _untrusted(self._where(url), exc) from None
             except _TRANSIENT as exc:
                 if attempt == attempts:
+                    self._metrics.remote_call(remote, "unreachable")
                     where = self._where(url)
                     raise RemoteUnavailable(
                         f"could not reach {where} for {what}: {_describe(exc)}"
@@ -381,8 +401,10 @@ class ResourceAPI:
                 reason = _describe(exc)
             else:
                 if status < 500 or attempt == attempts:
+                    self._metrics.remote_call(remote, "ok" if status < 400 else "refused")
                     return status, body
                 reason = f"HTTP {status}"
+            self._metrics.remote_call(remote, "retried")
             delay = _backoff(attempt)
             log.warning(
                 "%s for %s failed (%s), attempt %d of %d; retrying in %.2f s",
@@ -403,6 +425,13 @@ class _CdnFailing(Exception):
     def __init__(self, refusal: LoaderError) -> None:
         super().__init__(refusal.message)
         self.refusal = refusal
+
+
+def _gave_up(exc: Exception, unreachable: str) -> LoaderError:
+    """The error of a CDN call's last attempt: the CDN's refusal (a 5xx), or `unreachable`."""
+    if isinstance(exc, _CdnFailing):
+        return exc.refusal
+    return RemoteUnavailable(f"{unreachable}: {_describe(exc)}")
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:

@@ -37,6 +37,7 @@ from loader.errors import (
     PayloadTooLarge,
 )
 from loader.integrity import RECORD_SUFFIX, IntegrityRecord
+from loader.metrics import Metrics
 from loader.remote import TAIL, ResourceAPI
 from loader.settings import Settings
 
@@ -147,10 +148,17 @@ class _Wanted:
 
 
 class Resources:
-    def __init__(self, settings: Settings, api: ResourceAPI, cache: ModelCache) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        api: ResourceAPI,
+        cache: ModelCache,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._settings = settings
         self._api = api
         self._cache = cache
+        self._metrics = metrics or Metrics()
         self._downloads: dict[tuple[str, str], asyncio.Task[bool]] = {}
         self._cache_warned = False
 
@@ -219,6 +227,7 @@ class Resources:
             with contextlib.suppress(Exception):
                 await syncing
         log.info("uploaded %s/%s (%d bytes)", folder, name, blob.plaintext_size)
+        self._metrics.resource_uploaded(blob.plaintext_size)
         if blob.big.partial.parent == self._cache.root:
             try:
                 await asyncio.to_thread(self._cache.commit, blob.big, folder, name)
@@ -241,7 +250,14 @@ class Resources:
         wanted = await self._wanted(folder, name)
         cached = await self._from_cache(key, wanted, fresh=False)
         if cached is not None:
+            self._metrics.resource_loaded("cache", cached.size)
             return cached
+        plaintext = await self._from_cdn(key, wanted)
+        self._metrics.resource_loaded("cdn", plaintext.size)
+        return plaintext
+
+    async def _from_cdn(self, key: bytes, wanted: _Wanted) -> Plaintext:
+        """The big part fetched into the cache, then served from there; or streamed."""
         for _ in range(2):  # the fresh entry may be removed by someone before we open it
             if not await self._download(wanted):
                 break  # the cache cannot be written
@@ -249,7 +265,7 @@ class Resources:
             if cached is not None:
                 return cached
         # No cache to hold it: straight from the CDN, checked on the way.
-        total, tail = await self._api.big_part_tail(folder, name)
+        total, tail = await self._api.big_part_tail(wanted.folder, wanted.name)
         wanted.check_size(total)
         size = plaintext_size(key, len(wanted.small) + total, (wanted.small + tail)[-TAIL:])
         return Plaintext(size, _decrypt_stream(key, wanted, self._api))

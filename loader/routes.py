@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from loader.app import API, RESOURCES, SETTINGS, UNLOCKER
+from loader.app import API, METRICS, RESOURCES, SETTINGS, UNLOCKER
 from loader.errors import LoaderError, NameMismatch, PayloadTooLarge, ValidationFailed
 from loader.openapi import openapi_document
 from loader.resources import SpooledBlob, check_name, check_resource_name
@@ -147,6 +147,13 @@ async def unlock(request: web.Request) -> web.Response:
 @routes.get("/unlock/status")
 async def unlock_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[UNLOCKER].status())
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = await request.app[METRICS].scrape()
+    # Set as a header: web.Response's content_type refuses one with a charset in it.
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 @routes.get("/openapi.json")

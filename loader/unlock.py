@@ -43,6 +43,7 @@ from loader.errors import (
 )
 from loader.images import Docker, EngineImage, stack_tags
 from loader.log import Redactor
+from loader.metrics import Metrics
 from loader.remote import ResourceAPI
 from loader.settings import Settings
 from loader.systemd import Notifier
@@ -167,9 +168,11 @@ class Unlocker:
         docker: Docker,
         notifier: Notifier,
         redact: Redactor,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._redact = redact
+        self._metrics = metrics or Metrics()
         self._api = api
         self._docker = docker
         self._notifier = notifier
@@ -182,6 +185,19 @@ class Unlocker:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def state(self) -> UnlockState:
+        return self._progress.state
+
+    @property
+    def images_present(self) -> int:
+        """The stack's images in the engine, as the last unlock found or loaded them."""
+        return len(self._progress.images)
+
+    @property
+    def images_expected(self) -> int:
+        return len(stack_tags(self._settings.api_version))
 
     def status(self) -> dict[str, Any]:
         p = self._progress
@@ -202,27 +218,35 @@ class Unlocker:
         async with self._lock:
             if self.running:
                 return self._progress.state
-            tags = stack_tags(self._settings.api_version)
-            archive = self._settings.images_path
             try:
-                missing = await asyncio.to_thread(self._docker.missing, tags)
-            except LoaderError:
-                if not await asyncio.to_thread(archive.exists):
-                    raise
-                missing = tags  # Docker is down: the workflow says so in its error
-            if not missing:
-                self._finish_ready(tags)
-                return UnlockState.READY
+                return await self._start(email, password)
+            except LoaderError as exc:
+                self._metrics.unlock_attempted(exc.code)
+                raise
+
+    async def _start(self, email: str, password: str) -> UnlockState:
+        tags = stack_tags(self._settings.api_version)
+        archive = self._settings.images_path
+        try:
+            missing = await asyncio.to_thread(self._docker.missing, tags)
+        except LoaderError:
             if not await asyncio.to_thread(archive.exists):
-                raise ArchiveMissing(
-                    f"no image archive at {archive}, and Docker lacks {len(missing)} of the "
-                    f"{len(tags)} images: {', '.join(missing)}"
-                )
-            self._cancel.clear()
-            self._progress = _Progress(state=UnlockState.AUTHENTICATING)
-            self._loop = asyncio.get_running_loop()
-            self._task = asyncio.create_task(self._run(email, password))
-            return self._progress.state
+                raise
+            missing = tags  # Docker is down: the workflow says so in its error
+        if not missing:
+            self._finish_ready(tags)
+            self._metrics.unlock_attempted("already-ready")
+            return UnlockState.READY
+        if not await asyncio.to_thread(archive.exists):
+            raise ArchiveMissing(
+                f"no image archive at {archive}, and Docker lacks {len(missing)} of the "
+                f"{len(tags)} images: {', '.join(missing)}"
+            )
+        self._cancel.clear()
+        self._progress = _Progress(state=UnlockState.AUTHENTICATING)
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run(email, password))
+        return self._progress.state
 
     async def stop(self, grace: float) -> None:
         """On shutdown: abandon the unlock; a load in progress gets `grace` s to undo itself."""
@@ -239,15 +263,22 @@ class Unlocker:
     async def _run(self, email: str, password: str) -> None:
         progress = self._progress
         self._report(progress)
+        started = time.monotonic()
+        outcome = "ready"
         try:
             await self._workflow(progress, email, password)
         except LoaderError as exc:
+            outcome = exc.code
             self._fail(progress, exc.message)
         except asyncio.CancelledError:
+            outcome = Cancelled.code
             self._fail(progress, "stopped: the daemon shut down during the unlock")
         except Exception as exc:
+            outcome = LoaderError.code
             log.exception("unlock failed unexpectedly")
             self._fail(progress, f"unexpected error: {exc}")
+        finally:
+            self._metrics.unlock_ran(outcome, time.monotonic() - started, progress.bytes_done)
 
     async def _workflow(self, progress: _Progress, email: str, password: str) -> None:
         settings = self._settings

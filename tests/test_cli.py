@@ -164,7 +164,7 @@ async def test_load_of_a_missing_resource_leaves_no_file(
     assert not any(tmp_path.iterdir())  # noqa: ASYNC240
 
 
-@pytest.mark.parametrize("command", ["status", "login", "unlock", "load", "upload"])
+@pytest.mark.parametrize("command", ["status", "login", "unlock", "load", "upload", "metrics"])
 async def test_help_shows_an_example_and_the_exit_codes(command: str) -> None:
     result = await cli(command, "--help")
     assert result.code == 0

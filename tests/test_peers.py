@@ -21,7 +21,8 @@ PROBE = """
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(sys.argv[1])
-s.sendall(b"GET /health HTTP/1.1\\r\\nHost: loader\\r\\nConnection: close\\r\\n\\r\\n")
+request = "GET " + sys.argv[2] + " HTTP/1.1\\r\\nHost: loader\\r\\nConnection: close\\r\\n\\r\\n"
+s.sendall(request.encode())
 answer = b""
 while chunk := s.recv(65536):
     answer += chunk
@@ -71,7 +72,7 @@ def users() -> Iterator[dict[str, User]]:
         subprocess.run(["groupdel", "azl-callers"], check=False)
 
 
-async def health_as(user: User, app: LocalApp) -> tuple[int, str]:
+async def health_as(user: User, app: LocalApp, path: str = "/health") -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         "setpriv",
         f"--reuid={user.uid}",
@@ -81,6 +82,7 @@ async def health_as(user: User, app: LocalApp) -> tuple[int, str]:
         "-c",
         PROBE,
         str(app.socket),
+        path,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -129,6 +131,20 @@ async def test_allowed_uids(
     app = await open_to_all(make_local_app, with_settings(allowed_uids=(users["outsider"].uid,)))
     assert (await health_as(users["outsider"], app))[0] == 200
     assert (await health_as(users["insider"], app))[0] == 403
+
+
+async def test_metrics_obey_the_allowed_lists_like_every_path(
+    make_local_app: Callable[[Settings], Any],
+    with_settings: Callable[..., Settings],
+    users: dict[str, User],
+) -> None:
+    app = await open_to_all(make_local_app, with_settings(allowed_uids=(users["insider"].uid,)))
+    status, body = await health_as(users["insider"], app, "/metrics")
+    assert status == 200
+    assert "azaion_loader_build_info" in body
+    status, body = await health_as(users["outsider"], app, "/metrics")
+    assert status == 403
+    assert '"code": "forbidden"' in body
 
 
 async def test_the_access_log_names_the_caller(

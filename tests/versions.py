@@ -12,7 +12,15 @@ from pathlib import Path
 
 def main() -> None:
     print(f"Python {sys.version.split()[0]} ({sys.executable})")
-    for name in ("aiohttp", "cryptography", "docker", "requests", "urllib3", "sdnotify"):
+    for name in (
+        "aiohttp",
+        "cryptography",
+        "docker",
+        "requests",
+        "urllib3",
+        "sdnotify",
+        "prometheus_client",
+    ):
         module = importlib.import_module(name)
         # sdnotify's own __version__ lags its release (0.3.1 says 0.3.0): the metadata is the
         # package's version; both are shown when they differ.

@@ -95,7 +95,12 @@ def cold_start(bench: Bench) -> PartResult:
     """Row 10: systemd-socket-activate, then connect() to the first complete /health answer."""
     sock = bench.work / "activated.sock"
     command = ["systemd-socket-activate", "-l", str(sock)]
-    command += ["-E", f"MODEL_CACHE_DIR={bench.models}", "-E", "LOG_LEVEL=info", *loader_argv()]
+    command += ["-E", f"MODEL_CACHE_DIR={bench.models}", "-E", "LOG_LEVEL=info"]
+    # systemd-socket-activate passes on only what -E names: a PYTHONPATH that picks the
+    # tree to measure (a worktree beside the venv's own) must go along.
+    if os.environ.get("PYTHONPATH"):
+        command += ["-E", f"PYTHONPATH={os.environ['PYTHONPATH']}"]
+    command += loader_argv()
     count = max(bench.runs, COLD_START_RUNS)
     times, rss = [], []
     for index in range(count + 1):

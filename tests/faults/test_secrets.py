@@ -120,6 +120,8 @@ async def test_no_secret_in_logs_files_or_answers(
     emulator.emulator.clear_faults()
     await client.request("GET", "/status")
     await client.request("GET", "/unlock/status")
+    metrics = await client.request("GET", "/metrics")
+    assert b"azaion_loader_unlock_attempts_total" in metrics[1], metrics
     assert (await daemon.terminate(15)) == 0
 
     assert len(tokens) >= 4, tokens

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loader import __version__
 from tests.conftest import ARCHIVE_FRAGMENT, EMAIL, PASSWORD, skip_or_fail
@@ -86,6 +87,19 @@ class Booted:
             args = ["runuser", "-u", user, "--", *args]
         answer: dict[str, object] = json.loads(self.machine.run(*args).stdout)
         return answer
+
+    def metrics(self) -> dict[str, float]:
+        """`azaion-loader metrics` inside, read by prometheus_client's parser: each sample's
+        value under its name and labels, e.g. `azaion_loader_resource_loads_total{source=cdn}`."""
+        text = self.machine.run("azaion-loader", "metrics").stdout
+        return {
+            sample.name
+            + "{"
+            + ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
+            + "}": sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
     def install(self, deb: str) -> None:
         """apt installs `deb` and its dependencies from Debian's archive."""

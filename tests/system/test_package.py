@@ -377,6 +377,11 @@ def test_upload_and_load_with_the_cli_on_debians_libraries(
             machine.run(*cli, "load", "models/model.onnx", "-o", "/root/copy.onnx")
             assert (machine.root / "root/copy.onnx").read_bytes() == model.read_bytes()
         assert exists(installed, "/var/cache/azaion-loader/models/models/model.onnx.big")
+        # /metrics, through Debian 12's python3-prometheus-client.
+        metrics = installed.metrics()
+        assert metrics["azaion_loader_resource_loads_total{source=cdn}"] == 1, metrics
+        assert metrics["azaion_loader_resource_loads_total{source=cache}"] == 1, metrics
+        assert metrics["azaion_loader_resource_uploads_total{}"] == 1, metrics
     finally:
         machine.write(DEFAULTS, shipped)
         machine.run("rm", "-f", "/root/model.onnx", "/root/copy.onnx")

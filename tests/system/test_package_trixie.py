@@ -237,6 +237,10 @@ def test_upload_and_load_on_trixies_libraries(trixie: Booted) -> None:
     for _ in range(2):  # from the CDN, then from the cache
         machine.run(*cli, "load", "models/model.onnx", "-o", "/root/copy.onnx")
         assert (machine.root / "root/copy.onnx").read_bytes() == model.read_bytes()
+    # /metrics, through Debian 13's python3-prometheus-client.
+    metrics = trixie.metrics()
+    assert metrics["azaion_loader_resource_loads_total{source=cdn}"] == 1, metrics
+    assert metrics["azaion_loader_resource_loads_total{source=cache}"] == 1, metrics
     machine.run("rm", "-f", "/root/model.onnx", "/root/copy.onnx")
 
 
