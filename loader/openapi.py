@@ -206,6 +206,28 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json({"$ref": "#/components/schemas/UnlockStatus"})},
                 }
             },
+            "/doctor": {
+                "get": {
+                    "summary": "Run the daemon's checks: engine, images, space, archive, remotes, "
+                    "clock",
+                    "description": "Always 200 once the checks ran: a failure is a check's "
+                    "status, not the answer's. Each check is bounded by a timeout.",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["checks"],
+                                "properties": {
+                                    "checks": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Check"},
+                                    }
+                                },
+                            }
+                        )
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
@@ -221,6 +243,16 @@ def openapi_document() -> dict[str, Any]:
                     "properties": {
                         "detail": {"type": "string"},
                         "code": {"type": "string"},
+                    },
+                },
+                "Check": {
+                    "type": "object",
+                    "required": ["name", "status", "detail", "hint"],
+                    "properties": {
+                        "name": {"type": "string", "example": "engine"},
+                        "status": {"type": "string", "enum": ["ok", "warning", "failed"]},
+                        "detail": {"type": "string", "description": "The figure, or the cause"},
+                        "hint": {"type": "string", "description": "What to do; empty when ok"},
                     },
                 },
                 "UnlockStatus": {
