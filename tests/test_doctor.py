@@ -67,19 +67,28 @@ async def test_a_healthy_device_passes_every_check(
     assert set(checks[0]) == {"name", "status", "detail", "hint"}
 
 
-@pytest.mark.docker
-async def test_a_stopped_engine_fails_and_leaves_its_checks_unchecked(
+@pytest.fixture
+async def tiny_app(
     make_local_app: Callable[[Settings], Any],
     with_settings: Callable[..., Settings],
     tiny_dockerd: PrivateDockerd,  # noqa: F811
     image_archive: ArchiveInfo,
-) -> None:
-    app = await make_local_app(
+) -> LocalApp:
+    """The app against a dockerd whose data root is a 64 MB tmpfs, and the test archive."""
+    app: LocalApp = await make_local_app(
         with_settings(docker_host=tiny_dockerd.host, images_path=image_archive.path)
     )
-    assert (await doctor(app))["engine"]["status"] == OK
+    return app
+
+
+@pytest.mark.docker
+async def test_a_stopped_engine_fails_and_leaves_its_checks_unchecked(
+    tiny_app: LocalApp,
+    tiny_dockerd: PrivateDockerd,  # noqa: F811
+) -> None:
+    assert (await doctor(tiny_app))["engine"]["status"] == OK
     tiny_dockerd.kill()
-    checks = await doctor(app)
+    checks = await doctor(tiny_app)
     assert checks["engine"]["status"] == FAILED
     assert (
         f"cannot reach the container engine at {tiny_dockerd.socket}" in checks["engine"]["detail"]
@@ -91,19 +100,14 @@ async def test_a_stopped_engine_fails_and_leaves_its_checks_unchecked(
 
 @pytest.mark.docker
 async def test_a_spool_too_small_for_the_archive_fails(
-    make_local_app: Callable[[Settings], Any],
-    with_settings: Callable[..., Settings],
+    tiny_app: LocalApp,
     tiny_dockerd: PrivateDockerd,  # noqa: F811
-    image_archive: ArchiveInfo,
 ) -> None:
-    app = await make_local_app(
-        with_settings(docker_host=tiny_dockerd.host, images_path=image_archive.path)
-    )
-    space = (await doctor(app))["space"]
+    space = (await doctor(tiny_app))["space"]
     assert space["status"] == FAILED
     assert (
         f"Docker needs about 0.3 GB free on the filesystem of {tiny_dockerd.data_root}"
-        in (space["detail"])
+        in space["detail"]
     )
     assert "but only 0.1 GB is free" in space["detail"]
     assert "move Docker's data root" in space["hint"]
@@ -219,3 +223,10 @@ def test_the_clock_against_the_remotes_date(skew: int, status: str, detail: str)
     check = clock_check(remote + skew, email.utils.formatdate(remote, usegmt=True))
     assert (check.status, check.detail) == (status, detail)
     assert (check.hint == "") == (status == OK)
+
+
+async def test_help_tells_the_checks_and_the_exit_status() -> None:
+    result = await cli("doctor", "--help")
+    assert result.code == 0
+    assert "example:\n  azaion-loader doctor" in result.out
+    assert "0 no check failed (warnings allowed), 1 a check failed or the" in result.out
