@@ -137,13 +137,13 @@ class _DaemonChecks:
         # and the largest image's spool, on top, is left out.
         shortfall = space_shortfall(docker.name, spools, size, largest=0, podman_spool=0)
         if shortfall is None:
-            return Check("space", OK, f"{free}; the archive is {gigabytes(size)}")
+            return Check("space", OK, f"{free}; the archive is {_size(size)}")
         # With none of the images held, the unlock would load them all and refuse for sure.
         status = FAILED if len(self._missing) == len(STACK_IMAGES) else WARNING
         return Check(
             "space",
             status,
-            f"{shortfall}, for an archive of {gigabytes(size)}",
+            f"{shortfall}, for an archive of {_size(size)}",
             f"free space there, or move {docker.name}'s data root to a bigger filesystem",
         )
 
@@ -180,7 +180,7 @@ class _DaemonChecks:
                 f"cannot read {path} as user {user}: {exc.strerror}",
                 f"sudo chgrp {group} {path} && sudo chmod g+r {path} (and x on its folders)",
             )
-        return Check("archive", OK, f"{path}, {gigabytes(size)}, readable by user {user}")
+        return Check("archive", OK, f"{path}, {_size(size)}, readable by user {user}")
 
     async def _remote(self, cdn: bool) -> Check:
         name, variable = ("cdn", "CDN_URL") if cdn else ("resource-api", "RESOURCE_API_URL")
@@ -288,6 +288,10 @@ def _access(path: str) -> Check:
     finally:
         probe.close()
     return Check("access", OK, f"{user} may connect")
+
+
+def _size(size: int) -> str:
+    return gigabytes(size) if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def _user_name(uid: int) -> str:
