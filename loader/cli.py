@@ -1,6 +1,7 @@
-"""The client commands for people on the device: status, login, unlock, load, upload, doctor.
+"""The client commands for people on the device: status, login, unlock, load, upload.
 
-They talk to the daemon over its socket, as the local services do. What only a client
+They talk to the daemon over its socket, as the local services do (`doctor` too, after
+checking on its own what only the caller can see). What only a client
 command needs is imported inside it: `serve` starts on the same parser, and every
 millisecond of its start-up delays the first request after socket activation.
 """
@@ -64,6 +65,18 @@ def add_commands(commands: Any) -> None:
     )
     status.add_argument("--json", action="store_true", help="print the daemon's raw answers")
 
+    doctor = command(
+        "doctor",
+        "check everything an unlock or a load needs, here and through the daemon",
+        "azaion-loader doctor",
+    )
+    doctor.epilog = (
+        "example:\n  azaion-loader doctor\n\nOne line per check: ok, warning or failed, with "
+        "the figure or the cause\nand what to do.\n\nexit status: 0 no check failed (warnings "
+        "allowed), 1 a check failed or the\ndaemon cannot be reached, 2 usage error"
+    )
+    doctor.add_argument("--json", action="store_true", help='print {"checks": [...]}')
+
     for name, help, example in (
         (
             "login",
@@ -106,18 +119,6 @@ def add_commands(commands: Any) -> None:
     upload.add_argument("file", type=Path, help="the file to publish")
     upload.add_argument("--folder", required=True, help="the resource folder")
     upload.add_argument("--name", help="the resource name (default: the file's name)")
-
-    doctor = command(
-        "doctor",
-        "check everything an unlock or a load needs, here and through the daemon",
-        "azaion-loader doctor",
-    )
-    doctor.epilog = (
-        "example:\n  azaion-loader doctor\n\nOne line per check: ok, warning or failed, with "
-        "the figure or the cause\nand what to do.\n\nexit status: 0 no check failed (warnings "
-        "allowed), 1 a check failed or the\ndaemon cannot be reached, 2 usage error"
-    )
-    doctor.add_argument("--json", action="store_true", help='print {"checks": [...]}')
 
 
 def run(args: argparse.Namespace) -> int:

@@ -100,6 +100,28 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/doctor": {
+                "get": {
+                    "summary": "Run the daemon's checks: engine, images, space, archive, remotes, "
+                    "clock",
+                    "description": "Always 200 once the checks ran: a failure is a check's "
+                    "status, not the answer's. Each check is bounded by a timeout.",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["checks"],
+                                "properties": {
+                                    "checks": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Check"},
+                                    }
+                                },
+                            }
+                        )
+                    },
+                }
+            },
             "/login": {
                 "post": {
                     "summary": "Log in to the Resource API; the credentials become the daemon's",
@@ -204,28 +226,6 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "Where the unlock stands",
                     "responses": {"200": _json({"$ref": "#/components/schemas/UnlockStatus"})},
-                }
-            },
-            "/doctor": {
-                "get": {
-                    "summary": "Run the daemon's checks: engine, images, space, archive, remotes, "
-                    "clock",
-                    "description": "Always 200 once the checks ran: a failure is a check's "
-                    "status, not the answer's. Each check is bounded by a timeout.",
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "required": ["checks"],
-                                "properties": {
-                                    "checks": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/Check"},
-                                    }
-                                },
-                            }
-                        )
-                    },
                 }
             },
             "/openapi.json": {

@@ -45,6 +45,13 @@ async def status(request: web.Request) -> web.Response:
     )
 
 
+@routes.get("/doctor")
+async def doctor(request: web.Request) -> web.Response:
+    app = request.app
+    checks = await daemon_checks(app[SETTINGS], app[API], app[DOCKER], app[REDACT])
+    return web.json_response({"checks": [check.as_json() for check in checks]})
+
+
 @routes.post("/login")
 async def login(request: web.Request) -> web.Response:
     body = await json_body(request, {"email": str, "password": str})
@@ -148,13 +155,6 @@ async def unlock(request: web.Request) -> web.Response:
 @routes.get("/unlock/status")
 async def unlock_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[UNLOCKER].status())
-
-
-@routes.get("/doctor")
-async def doctor(request: web.Request) -> web.Response:
-    app = request.app
-    checks = await daemon_checks(app[SETTINGS], app[API], app[DOCKER], app[REDACT])
-    return web.json_response({"checks": [check.as_json() for check in checks]})
 
 
 @routes.get("/openapi.json")
