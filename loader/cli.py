@@ -1,6 +1,7 @@
 """The client commands for people on the device: status, login, unlock, load, upload, metrics.
 
-They talk to the daemon over its socket, as the local services do. What only a client
+They talk to the daemon over its socket, as the local services do (`doctor` too, after
+checking on its own what only the caller can see). What only a client
 command needs is imported inside it: `serve` starts on the same parser, and every
 millisecond of its start-up delays the first request after socket activation.
 """
@@ -63,6 +64,18 @@ def add_commands(commands: Any) -> None:
         "azaion-loader status",
     )
     status.add_argument("--json", action="store_true", help="print the daemon's raw answers")
+
+    doctor = command(
+        "doctor",
+        "check everything an unlock or a load needs, here and through the daemon",
+        "azaion-loader doctor",
+    )
+    doctor.epilog = (
+        "example:\n  azaion-loader doctor\n\nOne line per check: ok, warning or failed, with "
+        "the figure or the cause\nand what to do.\n\nexit status: 0 no check failed (warnings "
+        "allowed), 1 a check failed or the\ndaemon cannot be reached, 2 usage error"
+    )
+    doctor.add_argument("--json", action="store_true", help='print {"checks": [...]}')
 
     for name, help, example in (
         (
@@ -184,6 +197,23 @@ async def _status(args: argparse.Namespace) -> int:
     for label, value in rows:
         print(f"{label + ':':<13}{value}")
     return EXIT_OK
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    from loader.doctor import FAILED, Check, checks_from, client_checks
+
+    checks = await asyncio.to_thread(client_checks, args.socket, DEFAULT_SOCKET)
+    try:
+        async with Daemon(args.socket) as daemon:
+            checks += checks_from(await daemon.json("GET", "/doctor"))
+    except (Unreachable, Failed) as exc:
+        checks.append(Check("daemon", FAILED, f"its checks did not run: {exc}"))
+    if args.json:
+        print(json.dumps({"checks": [check.as_json() for check in checks]}, indent=2))
+    else:
+        for check in checks:
+            print(check.line())
+    return EXIT_FAILED if any(check.status == FAILED for check in checks) else EXIT_OK
 
 
 async def _login(args: argparse.Namespace) -> int:
@@ -414,20 +444,13 @@ def _unreachable(socket_path: str, error: OSError) -> str:
             f"permission denied on {socket_path}: join the azaion-loader group "
             "(sudo usermod -aG azaion-loader $USER, then log in again)"
         )
-    import shutil
-    import subprocess
+    from loader.doctor import socket_unit_state
 
     reason = "no such socket" if isinstance(error, FileNotFoundError) else error.strerror
     hint = ""
-    if socket_path == DEFAULT_SOCKET and shutil.which("systemctl"):
-        state = subprocess.run(
-            ["systemctl", "is-active", "azaion-loader.socket"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
+    if socket_path == DEFAULT_SOCKET and (state := socket_unit_state()) is not None:
         hint = (
-            f"; azaion-loader.socket is {state or 'unknown'}: "
+            f"; azaion-loader.socket is {state}: "
             "start it with `sudo systemctl start azaion-loader.socket`"
         )
     else:

@@ -37,6 +37,9 @@ QUICK_TIMEOUT = 30
 MIN_API = "1.25"
 # The SDK's default when DOCKER_HOST is unset.
 DEFAULT_HOST = "unix:///var/run/docker.sock"
+# Docker spools each image's tar to its data root, then unpacks its layers beside it: it
+# needs the layers it lacks, plus the largest image's tar at once, plus room to spare.
+SPACE_MARGIN = 256 * 1000**2
 
 
 def stack_tags(version: str) -> list[str]:
@@ -107,22 +110,35 @@ class Docker:
         name with it: Podman answers /version in 0.4 s, which the SDK's version="auto" and
         a second question would pay three times an unlock. Under self._lock."""
         if self._version is None:
-            import docker
-            import docker.errors
-            import requests.exceptions
-
-            probe = docker.APIClient(base_url=self._host, version=MIN_API, timeout=QUICK_TIMEOUT)
-            try:
-                answer = probe.version(api_version=False)
-            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-                raise DockerUnavailable(
-                    f"cannot reach the container engine: {_reason(exc)}"
-                ) from None
-            finally:
-                probe.close()
+            answer = self._ask_version()
             self._version = str(answer.get("ApiVersion") or MIN_API)
             self.name = _engine_name(answer)
         return self._version
+
+    def _ask_version(self) -> dict[str, Any]:
+        import docker
+        import docker.errors
+        import requests.exceptions
+
+        probe = docker.APIClient(base_url=self._host, version=MIN_API, timeout=QUICK_TIMEOUT)
+        try:
+            return dict(probe.version(api_version=False))
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(f"cannot reach the container engine: {_reason(exc)}") from None
+        finally:
+            probe.close()
+
+    def describe(self) -> str:
+        """The engine as it answers now, e.g. "Docker 20.10.24 (API 1.41) at /run/docker.sock",
+        asked afresh: a cached answer would hide an engine that has since stopped."""
+        self._probe()
+        answer = self._ask_version()
+        name = _engine_name(answer)
+        host = self._host or DEFAULT_HOST
+        where = host.removeprefix("unix://")
+        return (
+            f"{name} {answer.get('Version', '?')} (API {answer.get('ApiVersion', '?')}) at {where}"
+        )
 
     def _probe(self) -> None:
         """Connect to a local engine's socket first: a clear error when Docker is down, and
@@ -264,6 +280,40 @@ class Docker:
                     error = _message_error(message)
                     if error:
                         raise DockerFailed(f"{self.name} refused the images: {error}")
+
+
+def space_shortfall(
+    engine: str, spools: list[Spool], layers: int, largest: int, podman_spool: int
+) -> str | None:
+    """Why the engine lacks room for a load, or None: the layers it will keep plus what it
+    spools while it loads. Docker spools the image's tar in its data root (`largest` bytes
+    at once); Podman keeps the layers in its data root and spools `podman_spool` bytes in its
+    temporary folder. Folders on one filesystem share its free space."""
+    podman = engine == "Podman"
+    needs: dict[int, int] = {}
+    why: dict[int, list[str]] = {}
+    for spool in spools:
+        if spool.role == "data root":
+            need = layers if podman else layers + largest
+            what = f"{gigabytes(layers)} of images" + ("" if podman else " spooled one by one")
+        else:
+            need = podman_spool
+            what = f"{gigabytes(need)} of images spooled, unpacked and staged"
+        needs[spool.device] = needs.get(spool.device, SPACE_MARGIN) + need
+        why.setdefault(spool.device, []).append(f"{what} under {spool.path}")
+    for spool in spools:
+        if spool.device in needs and spool.free < needs[spool.device]:
+            return (
+                f"{engine} needs about {gigabytes(needs[spool.device])} free on the filesystem of "
+                f"{spool.path} ({'; '.join(why[spool.device])}), but only {gigabytes(spool.free)} "
+                "is free"
+            )
+        needs.pop(spool.device, None)
+    return None
+
+
+def gigabytes(size: int) -> str:
+    return f"{size / 1e9:.1f} GB"
 
 
 def _digest(image_id: str) -> str:

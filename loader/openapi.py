@@ -100,6 +100,28 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/doctor": {
+                "get": {
+                    "summary": "Run the daemon's checks: engine, images, space, archive, remotes, "
+                    "clock",
+                    "description": "Always 200 once the checks ran: a failure is a check's "
+                    "status, not the answer's. Each check is bounded by a timeout.",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["checks"],
+                                "properties": {
+                                    "checks": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Check"},
+                                    }
+                                },
+                            }
+                        )
+                    },
+                }
+            },
             "/login": {
                 "post": {
                     "summary": "Log in to the Resource API; the credentials become the daemon's",
@@ -234,6 +256,16 @@ def openapi_document() -> dict[str, Any]:
                     "properties": {
                         "detail": {"type": "string"},
                         "code": {"type": "string"},
+                    },
+                },
+                "Check": {
+                    "type": "object",
+                    "required": ["name", "status", "detail", "hint"],
+                    "properties": {
+                        "name": {"type": "string", "example": "engine"},
+                        "status": {"type": "string", "enum": ["ok", "warning", "failed"]},
+                        "detail": {"type": "string", "description": "The figure, or the cause"},
+                        "hint": {"type": "string", "description": "What to do; empty when ok"},
                     },
                 },
                 "UnlockStatus": {

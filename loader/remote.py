@@ -100,6 +100,21 @@ class ResourceAPI:
         """The fragment that encrypts and decrypts resources."""
         return await self._fetch_fragment("/resources/key-fragment")
 
+    async def reach(self, cdn: bool = False) -> str | None:
+        """One HEAD of the Resource API's (or the CDN's) base URL, not retried, with the
+        session's TLS settings: any HTTP answer means reachable. Returns its Date header."""
+        url = (self._settings.cdn_url if cdn else self._settings.resource_api_url) + "/"
+        where = "the CDN" if cdn else "the Resource API"
+        try:
+            async with self._session.head(
+                url, timeout=self._api_timeout, allow_redirects=False
+            ) as resp:
+                return resp.headers.get("Date")
+        except aiohttp.ClientSSLError as exc:
+            raise _untrusted(where, exc) from None
+        except _TRANSIENT as exc:
+            raise RemoteUnavailable(f"could not reach {where} at {url}: {_describe(exc)}") from None
+
     async def fetch_small_part(self, folder: str, name: str) -> bytes:
         """`NAME.small` from the API; RemoteNotFound when it has none."""
         return await self.call(

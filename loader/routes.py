@@ -13,7 +13,8 @@ from typing import Any
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from loader.app import API, METRICS, RESOURCES, SETTINGS, UNLOCKER
+from loader.app import API, DOCKER, METRICS, REDACT, RESOURCES, SETTINGS, UNLOCKER
+from loader.doctor import daemon_checks
 from loader.errors import LoaderError, NameMismatch, PayloadTooLarge, ValidationFailed
 from loader.openapi import openapi_document
 from loader.resources import SpooledBlob, check_name, check_resource_name
@@ -42,6 +43,13 @@ async def status(request: web.Request) -> web.Response:
             "modelCacheDir": str(request.app[SETTINGS].model_cache_dir),
         }
     )
+
+
+@routes.get("/doctor")
+async def doctor(request: web.Request) -> web.Response:
+    app = request.app
+    checks = await daemon_checks(app[SETTINGS], app[API], app[DOCKER], app[REDACT])
+    return web.json_response({"checks": [check.as_json() for check in checks]})
 
 
 @routes.post("/login")

@@ -41,7 +41,7 @@ from loader.errors import (
     InsufficientStorage,
     LoaderError,
 )
-from loader.images import Docker, EngineImage, stack_tags
+from loader.images import Docker, EngineImage, gigabytes, space_shortfall, stack_tags
 from loader.log import Redactor
 from loader.metrics import Metrics
 from loader.remote import ResourceAPI
@@ -64,9 +64,6 @@ ESTIMATE_CAP = 0.95
 # (three: 18%), Podman 36% (three: no better). A second image joins only while the bytes in
 # flight stay within the largest image's: the engine's spool never holds more than that.
 CONCURRENCY = 2
-# Docker spools each image's tar to its data root, then unpacks its layers beside it: it
-# needs the layers it lacks, plus the largest image's tar at once, plus room to spare.
-SPACE_MARGIN = 256 * 1000**2
 # Podman's API writes a loaded tar to its temporary folder and stages its blobs there again
 # before committing them to its storage; an OCI archive (a thin image) it unpacks there too.
 PODMAN_WHOLE_COPIES = 2
@@ -308,7 +305,7 @@ class Unlocker:
                 "unlock: loading %d of %d images (%s) from %s",
                 len(sends),
                 len(tags),
-                _gb(progress.bytes_total),
+                gigabytes(progress.bytes_total),
                 settings.images_path,
             )
             await self._load_all(archive, sends, progress)
@@ -526,28 +523,15 @@ class Unlocker:
         if not spools:
             log.info("cannot see where the engine keeps its images: not checking free space")
             return
-        layers = sum(send.size for send in sends)
-        largest = max((send.size for send in sends), default=0)
-        podman = self._docker.name == "Podman"
-        needs: dict[int, int] = {}
-        why: dict[int, list[str]] = {}
-        for spool in spools:
-            if spool.role == "data root":
-                need = layers if podman else layers + largest
-                what = f"{_gb(layers)} of images" + ("" if podman else " spooled one by one")
-            else:
-                need = _podman_spool(sends)
-                what = f"{_gb(need)} of images spooled, unpacked and staged"
-            needs[spool.device] = needs.get(spool.device, SPACE_MARGIN) + need
-            why.setdefault(spool.device, []).append(f"{what} under {spool.path}")
-        for spool in spools:
-            if spool.device in needs and spool.free < needs[spool.device]:
-                raise InsufficientStorage(
-                    f"{self._docker.name} needs about {_gb(needs[spool.device])} free on the "
-                    f"filesystem of {spool.path} ({'; '.join(why[spool.device])}), but only "
-                    f"{_gb(spool.free)} is free"
-                )
-            needs.pop(spool.device, None)
+        shortfall = space_shortfall(
+            self._docker.name,
+            spools,
+            layers=sum(send.size for send in sends),
+            largest=max((send.size for send in sends), default=0),
+            podman_spool=_podman_spool(sends),
+        )
+        if shortfall:
+            raise InsufficientStorage(shortfall)
 
     def _finish_ready(self, tags: list[str]) -> None:
         p = self._progress
@@ -658,7 +642,7 @@ def _status_line(p: _Progress) -> str:
         return (
             f"Unlocking: loading image {min(len(p.images) + 1, p.images_total)} of "
             f"{p.images_total}, {_percent(p):.0f}% ({p.bytes_done / 1e9:.1f} of "
-            f"{_gb(p.bytes_total)})"
+            f"{gigabytes(p.bytes_total)})"
         )
     return f"Unlocking: {p.state.value.replace('_', ' ')}"
 
@@ -739,7 +723,3 @@ def _collect(future: asyncio.Future[None]) -> None:
     """Retrieve a loading thread's end after the workflow stopped waiting for it."""
     if not future.cancelled():
         future.exception()
-
-
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.1f} GB"

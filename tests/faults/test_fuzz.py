@@ -154,7 +154,7 @@ async def test_schema_driven_fuzz(
     assert not failures, "\n\n".join(failures)
     # Every operation was exercised, and nothing answered 5xx.
     operations = sum(len(methods) for methods in json.loads(document)["paths"].values())
-    assert len({key.split(":")[0].rsplit(" ", 1)[0] for key in seen}) == operations == 9, seen
+    assert len({key.split(":")[0].rsplit(" ", 1)[0] for key in seen}) == operations, seen
     assert not [key for key in seen if key.endswith((": 500", ": 502", ": 503"))], seen
     assert daemon.running
     assert "Traceback" not in daemon.log()

@@ -305,21 +305,23 @@ def test_daemon_logs_in_over_the_network(installed: Booted, emulator_url: str) -
         restart(installed)
 
 
-def test_full_unlock_inside_with_progress_in_systemctl(
+def with_archive_and_engine(
     installed: Booted,
     emulator_url: str,
     private_dockerd: PrivateDockerd,
-    big_archive: ArchiveInfo,
-    no_stack_images: list[str],
-) -> None:
-    """The installed daemon unlocks the archive into the host's test dockerd, bound in."""
+    archive: ArchiveInfo,
+    owner: str,
+    mode: str,
+) -> str:
+    """The archive at /opt/azaion/images.enc with this owner and mode, the daemon set to the
+    emulator and the host's test dockerd, bound in; returns the shipped defaults."""
     machine = installed.machine
     shipped = machine.run("cat", DEFAULTS).stdout
-    archive = machine.root / "opt/azaion/images.enc"
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(big_archive.path, archive)
-    machine.run("chown", "root:azaion-loader", "/opt/azaion/images.enc")
-    machine.run("chmod", "0640", "/opt/azaion/images.enc")
+    inside = machine.root / "opt/azaion/images.enc"
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(archive.path, inside)
+    machine.run("chown", owner, "/opt/azaion/images.enc")
+    machine.run("chmod", mode, "/opt/azaion/images.enc")
     # The daemon reaches Docker as a member of the container's docker group.
     docker_gid = int(machine.run("getent", "group", "docker").stdout.split(":")[2])
     os.chmod(private_dockerd.socket.parent, 0o755)  # noqa: S103 - a throwaway test daemon
@@ -329,6 +331,21 @@ def test_full_unlock_inside_with_progress_in_systemctl(
         shipped
         + f"RESOURCE_API_URL={emulator_url}\nCDN_URL={emulator_url}/cdn\n"
         + f"DOCKER_HOST=unix://{DOCKER_DIR}/{private_dockerd.socket.name}\n",
+    )
+    return shipped
+
+
+def test_full_unlock_inside_with_progress_in_systemctl(
+    installed: Booted,
+    emulator_url: str,
+    private_dockerd: PrivateDockerd,
+    big_archive: ArchiveInfo,
+    no_stack_images: list[str],
+) -> None:
+    """The installed daemon unlocks the archive into the host's test dockerd, bound in."""
+    machine = installed.machine
+    shipped = with_archive_and_engine(
+        installed, emulator_url, private_dockerd, big_archive, "root:azaion-loader", "0640"
     )
     try:
         restart(installed)
@@ -385,6 +402,62 @@ def test_upload_and_load_with_the_cli_on_debians_libraries(
     finally:
         machine.write(DEFAULTS, shipped)
         machine.run("rm", "-f", "/root/model.onnx", "/root/copy.onnx")
+        restart(installed)
+
+
+def test_doctor_finds_what_the_service_user_and_a_caller_lack(
+    installed: Booted,
+    emulator_url: str,
+    private_dockerd: PrivateDockerd,
+    image_archive: ArchiveInfo,
+) -> None:
+    """`azaion-loader doctor` on the installed package: the daemon, as user azaion-loader,
+    cannot read an archive of root's alone, and says how to fix it; a user outside the
+    socket's group is told to join it."""
+    machine = installed.machine
+    shipped = with_archive_and_engine(
+        installed, emulator_url, private_dockerd, image_archive, "root:root", "0600"
+    )
+    for user, groups in (("outsider", []), ("insider", ["-G", "azaion-loader"])):
+        if machine.run("id", user, check=False).returncode != 0:
+            machine.run("useradd", "--no-create-home", *groups, user)
+    try:
+        restart(installed)
+        found = machine.run("azaion-loader", "doctor", check=False)
+        print(found.stdout)
+        assert found.returncode == 1, found.stdout + found.stderr
+        lines = {line.split()[1]: line for line in found.stdout.splitlines()}
+        assert list(lines) == [
+            *("socket", "access", "socket-unit", "engine", "images", "space", "archive"),
+            *("resource-api", "cdn", "clock"),
+        ]
+        assert lines["socket-unit"] == "ok      socket-unit   azaion-loader.socket is active"
+        assert lines["archive"] == (
+            "failed  archive       cannot read /opt/azaion/images.enc as user azaion-loader: "
+            "Permission denied -> sudo chgrp azaion-loader /opt/azaion/images.enc && "
+            "sudo chmod g+r /opt/azaion/images.enc (and x on its folders)"
+        )
+        failed = [line for line in lines.values() if line.startswith("failed")]
+        assert failed == [lines["archive"]], found.stdout
+        # What the hint says, done: the archive is the service's to read, all pass.
+        machine.run("chgrp", "azaion-loader", "/opt/azaion/images.enc")
+        machine.run("chmod", "g+r", "/opt/azaion/images.enc")
+        fixed = machine.run("runuser", "-u", "insider", "--", "azaion-loader", "doctor")
+        assert "ok      archive       /opt/azaion/images.enc, " in fixed.stdout
+        assert "readable by user azaion-loader" in fixed.stdout
+        print(fixed.stdout)
+        outside = machine.run(
+            "runuser", "-u", "outsider", "--", "azaion-loader", "doctor", check=False
+        )
+        assert outside.returncode == 1
+        assert (
+            "failed  access        permission denied on /run/azaion-loader.sock: outsider is "
+            "not in group azaion-loader -> sudo usermod -aG azaion-loader outsider, then log "
+            "in again"
+        ) in outside.stdout.splitlines()
+    finally:
+        machine.write(DEFAULTS, shipped)
+        machine.run("rm", "-f", "/opt/azaion/images.enc")
         restart(installed)
 
 
