@@ -1,5 +1,6 @@
-"""`./dev run` as the quickstart has it: the commands it prints, run as printed, unlock the demo
-stack into its engine and round-trip a resource; a stop leaves no process behind."""
+"""`./dev run` as the quickstart has it: the commands it prints, run as printed, find nothing
+wrong (doctor), unlock the demo stack into its engine and round-trip a resource; a stop
+leaves no process behind."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def test_printed_commands_unlock_the_demo_stack_and_round_trip_a_resource(tmp_pa
         host = f"unix://{engine_root}/docker.sock"
         assert present_images(host, stack_tags("latest")) == []
         blocks = _blocks(text)
+        tries = next(b for heading, b in blocks.items() if heading.startswith("Daemon socket"))
         unlock = next(b for heading, b in blocks.items() if heading.startswith("Unlock the demo"))
         roundtrip = next(b for heading, b in blocks.items() if heading.startswith("Upload"))
 
@@ -88,6 +90,11 @@ def test_printed_commands_unlock_the_demo_stack_and_round_trip_a_resource(tmp_pa
             assert proc.poll() is None, "".join(printed)
             assert time.monotonic() < deadline, "".join(printed)
             time.sleep(0.05)
+        for command in tries:  # health, status, doctor (exit 1 on a failed check), metrics
+            answer = _shell(command)
+            assert answer.returncode == 0, (command, answer)
+        assert any(" doctor " in command for command in tries), tries
+
         started = time.monotonic()
         answer = _shell(unlock[0])
         took = time.monotonic() - started
