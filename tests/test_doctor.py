@@ -17,6 +17,8 @@ from loader.doctor import FAILED, OK, WARNING, clock_check
 from loader.settings import Settings
 from tests.conftest import LocalApp, Spawn, daemon_env, loader_command, socket_answers, wait_for
 from tests.dockerd import ArchiveInfo, PrivateDockerd
+from tests.emulator import Emulator, EmulatorConfig
+from tests.emulator import make_app as make_emulator_app
 from tests.test_cli import cli
 from tests.test_tls import certificate, https_emulator  # noqa: F401
 from tests.test_unlock import tiny_dockerd  # noqa: F401
@@ -111,6 +113,31 @@ async def test_a_spool_too_small_for_the_archive_fails(
     )
     assert "but only 0.1 GB is free" in space["detail"]
     assert "move Docker's data root" in space["hint"]
+
+
+@pytest.mark.parametrize(
+    ("skew", "status"), [(10 * 60, WARNING), (-2 * 86400, FAILED)], ids=["minutes", "days"]
+)
+async def test_a_clock_off_from_the_remotes_is_told(
+    aiohttp_server: Callable[..., Any],
+    make_local_app: Callable[[Settings], Any],
+    with_settings: Callable[..., Settings],
+    tmp_path: Path,
+    skew: int,
+    status: str,
+) -> None:
+    """A Resource API whose Date header is off by `skew` s: as the device sees it, its own
+    clock is off the other way."""
+    config = EmulatorConfig(storage_dir=tmp_path / "skewed", clock_offset=skew)
+    server = await aiohttp_server(make_emulator_app(Emulator(config)))
+    url = f"http://127.0.0.1:{server.port}"
+    app = await make_local_app(with_settings(resource_api_url=url, cdn_url=url + "/cdn"))
+    clock = (await doctor(app))["clock"]
+    assert clock["status"] == status, clock
+    ahead = "ahead of" if skew < 0 else "behind"
+    assert ahead in clock["detail"], clock
+    if status == FAILED:
+        assert clock["hint"], clock
 
 
 async def test_an_unreachable_api_and_cdn_fail(

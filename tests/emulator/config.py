@@ -34,6 +34,9 @@ class EmulatorConfig:
     rates: FaultRates = field(default_factory=FaultRates)
     rules: tuple[FaultRule, ...] = ()
     seed: int | None = None
+    # Seconds added to the time in each answer's Date header: a remote whose clock is off
+    # (or, as the caller sees it, a device whose clock is).
+    clock_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.token_ttl) or self.token_ttl < 0:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import email.utils
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -326,4 +328,12 @@ def make_app(emulator: Emulator) -> web.Application:
     routes = _Routes(emulator)
     app = web.Application(middlewares=[routes.inject_faults])
     app.add_routes(routes.table())
+    offset = emulator.config.clock_offset
+    if offset:
+
+        async def skewed_date(request: web.Request, response: web.StreamResponse) -> None:
+            # Before aiohttp's own Date, which it sets only where none is.
+            response.headers[hdrs.DATE] = email.utils.formatdate(time.time() + offset, usegmt=True)
+
+        app.on_response_prepare.append(skewed_date)
     return app
