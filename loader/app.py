@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
@@ -83,14 +86,48 @@ def make_app(settings: Settings, redact: Redactor, notifier: Notifier) -> web.Ap
     return app
 
 
+# OpenSSL's name for a CA in a hashed folder: the subject's hash, a dot, a number.
+_HASH_LINK = re.compile(r"[0-9a-f]{8}\.[0-9]+")
+
+
+def client_tls(
+    ca_file: Path | None, capath: str | None = None, env: Mapping[str, str] = os.environ
+) -> ssl.SSLContext:
+    """What every call to the Resource API and the CDN verifies with: the system's CAs, and
+    TLS_CA_FILE's. Always a context of our own: aiohttp 3.8 (Debian 12's) reads ssl=True as
+    "do not verify" (only its default, None, verifies), 3.9+ as "verify".
+
+    The system's CAs come from OpenSSL's hashed folder (/etc/ssl/certs on Debian), each read
+    when a handshake needs it, not the whole bundle parsed at start: the socket is served
+    50 ms sooner (bench/ row 10). Where SSL_CERT_FILE or SSL_CERT_DIR is set, or the folder
+    holds no hash links, ssl.create_default_context() loads OpenSSL's defaults as usual.
+    """
+    paths = ssl.get_default_verify_paths()
+    folder = capath or paths.openssl_capath
+    if (
+        env.get(paths.openssl_cafile_env)
+        or env.get(paths.openssl_capath_env)
+        or not _has_hash_links(folder)
+    ):
+        tls = ssl.create_default_context()
+    else:
+        tls = ssl.create_default_context(capath=folder)
+    if ca_file is not None:
+        tls.load_verify_locations(cafile=str(ca_file))
+    return tls
+
+
+def _has_hash_links(folder: str) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(_HASH_LINK.fullmatch(entry.name) for entry in entries)
+    except OSError:
+        return False
+
+
 async def _resource_api(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # Always a context of our own, verifying against the system's CAs: aiohttp 3.8 (Debian 12's)
-    # reads ssl=True as "do not verify" (only its default, None, verifies), 3.9+ as "verify".
-    tls = ssl.create_default_context()
-    if settings.tls_ca_file is not None:
-        tls.load_verify_locations(cafile=str(settings.tls_ca_file))
-    connector = aiohttp.TCPConnector(limit=32, ssl=tls)
+    connector = aiohttp.TCPConnector(limit=32, ssl=client_tls(settings.tls_ca_file))
     async with aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": f"azaion-loader/{__version__}"},
