@@ -28,7 +28,7 @@ EXIT_CODES = (
     "130 interrupted (Ctrl-C)"
 )
 _POLL = 0.5
-_CHUNK = 256 * 1024
+_FILE_READ = 256 * 1024
 
 
 class Unreachable(Exception):
@@ -297,7 +297,7 @@ async def _upload(args: argparse.Namespace) -> int:
 
         async def chunks() -> AsyncIterator[bytes]:
             done = 0
-            while data := await asyncio.to_thread(source.read, _CHUNK):
+            while data := await asyncio.to_thread(source.read, _FILE_READ):
                 done += len(data)
                 progress.update("uploading", done, total)
                 yield data
@@ -347,7 +347,7 @@ def _write_whole(target: Path, data: bytes, mode: int) -> None:
 
 async def _copy(resp: Any, out: BinaryIO, total: int, progress: Progress) -> None:
     done = 0
-    async for chunk in resp.content.iter_chunked(_CHUNK):
+    async for chunk in resp.content.iter_chunked(_FILE_READ):
         await asyncio.to_thread(out.write, chunk)
         done += len(chunk)
         progress.update("loading", done, total)

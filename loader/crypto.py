@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 from loader.errors import DecryptionFailed
@@ -98,12 +97,7 @@ class Decryptor:
             raise DecryptionFailed("the encrypted data is cut short (not whole AES blocks)")
         self._decryptor.finalize()
         last = bytes(self._buffer[: self._held])
-        pad = last[-1] if len(last) == BLOCK else 0
-        if not 1 <= pad <= BLOCK or last[-pad:] != bytes([pad]) * pad:
-            raise DecryptionFailed(
-                "the data does not decrypt: wrong key, or the encrypted data is damaged"
-            )
-        return last[:-pad]
+        return last[: -_padding(last)]
 
 
 class Encryptor:
@@ -128,30 +122,6 @@ class Encryptor:
         return out + self._encryptor.finalize()
 
 
-def decrypt_chunks(key: bytes, chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Plaintext pieces of the blob made of `chunks`; raises DecryptionFailed at the end if bad.
-
-    The last block is held back until the padding checks out, so a consumer never
-    receives the tail of a blob that fails.
-    """
-    decryptor = Decryptor(key)
-    for chunk in chunks:
-        piece = decryptor.update(chunk)
-        if piece:
-            yield piece
-    yield decryptor.finalize()
-
-
-def encrypt(key: bytes, plaintext: bytes, iv: bytes | None = None) -> bytes:
-    encryptor = Encryptor(key, iv)
-    return encryptor.update(plaintext) + encryptor.finalize()
-
-
-def decrypt(key: bytes, blob: bytes) -> bytes:
-    decryptor = Decryptor(key)
-    return decryptor.update(blob) + decryptor.finalize()
-
-
 def plaintext_size(key: bytes, blob_size: int, last_two_blocks: bytes) -> int:
     """The plaintext's size, from the blob's size and its last 32 bytes (or IV + 1 block).
 
@@ -163,10 +133,14 @@ def plaintext_size(key: bytes, blob_size: int, last_two_blocks: bytes) -> int:
     if len(last_two_blocks) != 2 * BLOCK:
         raise ValueError("need the last 32 bytes of the blob")
     iv, last = last_two_blocks[:BLOCK], last_two_blocks[BLOCK:]
-    block = _cbc(key, iv).decryptor().update(last)
-    pad = block[-1]
-    if not 1 <= pad <= BLOCK or block[-pad:] != bytes([pad]) * pad:
+    return blob_size - IV_SIZE - _padding(_cbc(key, iv).decryptor().update(last))
+
+
+def _padding(last_block: bytes) -> int:
+    """The PKCS7 padding's length, read from the decrypted last block."""
+    pad = last_block[-1] if len(last_block) == BLOCK else 0
+    if not 1 <= pad <= BLOCK or last_block[-pad:] != bytes([pad]) * pad:
         raise DecryptionFailed(
             "the data does not decrypt: wrong key, or the encrypted data is damaged"
         )
-    return blob_size - IV_SIZE - pad
+    return pad

@@ -5,28 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from loader import __version__
+from loader.integrity import RECORD_SUFFIX
+from loader.resources import MAX_RESOURCE_NAME, NAME_MAX, name_pattern
+from loader.unlock import UnlockState
 
-_NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"}
+_NAME = {"type": "string", "pattern": f"^{name_pattern(NAME_MAX)}$"}
 # Room for the record's name, NAME.integrity, which no resource may take.
 _RESOURCE_NAME = {
     "type": "string",
-    "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,244}$",
-    "description": "A resource's name; it may not end in '.integrity'",
+    "pattern": f"^{name_pattern(MAX_RESOURCE_NAME)}$",
+    "description": f"A resource's name; it may not end in '{RECORD_SUFFIX}'",
 }
 _CREDENTIALS = {
     "type": "object",
     "required": ["email", "password"],
     "properties": {"email": {"type": "string"}, "password": {"type": "string"}},
 }
-_UNLOCK_STATES = [
-    "idle",
-    "authenticating",
-    "downloading_key",
-    "decrypting",
-    "loading_images",
-    "ready",
-    "error",
-]
+_UNLOCK_STATES = [state.value for state in UnlockState]
 
 
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:

@@ -41,7 +41,9 @@ _BACKOFF_CAP = 8.0
 _MAX_ERROR_BODY = 4096
 # The last two AES blocks of a blob tell its padding, hence the plaintext's size.
 TAIL = 32
-TRANSFER_CHUNK = 256 * 1024
+# What one read of an answer's body asks for, and one read of a big part's file to PUT.
+NETWORK_READ = 256 * 1024
+FILE_READ = 1024 * 1024
 # Failures in transit: the request may not have reached the remote, or its answer was lost.
 _TRANSIENT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 
@@ -227,7 +229,7 @@ class ResourceAPI:
                             raise RemoteRefused(
                                 f"the CDN's {what} changed size during the download"
                             )
-                        async for chunk in resp.content.iter_chunked(TRANSFER_CHUNK):
+                        async for chunk in resp.content.iter_chunked(NETWORK_READ):
                             offset += len(chunk)
                             yield chunk
                 except aiohttp.ClientSSLError as exc:
@@ -453,7 +455,7 @@ async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
     """A file in big pieces, each read by a worker thread."""
     source = await asyncio.to_thread(open, path, "rb")
     try:
-        while chunk := await asyncio.to_thread(source.read, TRANSFER_CHUNK * 4):
+        while chunk := await asyncio.to_thread(source.read, FILE_READ):
             yield chunk
     finally:
         source.close()
@@ -487,7 +489,7 @@ def _total_size(resp: aiohttp.ClientResponse, default: int | None) -> int | None
 async def _last_bytes(resp: aiohttp.ClientResponse, count: int) -> bytes:
     """The last `count` bytes of a body, read through without keeping the rest."""
     tail = b""
-    async for chunk in resp.content.iter_chunked(TRANSFER_CHUNK):
+    async for chunk in resp.content.iter_chunked(NETWORK_READ):
         tail = (tail + chunk)[-count:]
     return tail
 

@@ -43,14 +43,21 @@ from loader.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# resource-api.md, "Names".
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+# resource-api.md, "Names": a letter or digit, then letters, digits, '.', '_' or '-'.
+NAME_MAX = 255
+
+
+def name_pattern(longest: int) -> str:
+    return rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{longest - 1}}}"
+
+
+_NAME = re.compile(name_pattern(NAME_MAX))
 # The record's name, NAME.integrity, must obey the same rule.
-_MAX_RESOURCE_NAME = 255 - len(RECORD_SUFFIX)
+MAX_RESOURCE_NAME = NAME_MAX - len(RECORD_SUFFIX)
 # Blobs at least this long are cut at exactly SMALL_PART_MAX (0.3 * 10240 = 3072).
 _FULL_CUT_FROM = SMALL_PART_MAX * 10 // 3
 # Reads and writes of big parts go to a worker thread in pieces of this size.
-CHUNK = 1024 * 1024
+BIG_PART_IO = 1024 * 1024
 # /load's pieces: two are in memory at once (one sent, one decrypted ahead), beside the
 # socket's write buffer; 512 KiB keeps the peak RSS well under 80 MB (bench/).
 LOAD_PIECE = 512 * 1024
@@ -76,9 +83,9 @@ def check_resource_name(value: str) -> str:
             f"invalid resource name {name[:64]!r}: names ending in '{RECORD_SUFFIX}' are kept "
             "for the API's integrity records"
         )
-    if len(name) > _MAX_RESOURCE_NAME:
+    if len(name) > MAX_RESOURCE_NAME:
         raise InvalidName(
-            f"invalid resource name {name[:64] + '...'!r}: use at most {_MAX_RESOURCE_NAME} "
+            f"invalid resource name {name[:64] + '...'!r}: use at most {MAX_RESOURCE_NAME} "
             f"characters, so that its integrity record's name (NAME{RECORD_SUFFIX}) fits too"
         )
     return name
@@ -198,7 +205,7 @@ class Resources:
                     )
                 batch.append(chunk)
                 batched += len(chunk)
-                if batched >= CHUNK:
+                if batched >= BIG_PART_IO:
                     if job is not None:
                         await job
                     job = asyncio.ensure_future(asyncio.to_thread(cutter.feed, batch))
@@ -362,7 +369,7 @@ class Resources:
                 pending += chunk
                 if wanted.big_size is not None and write.size + len(pending) > wanted.big_size:
                     raise wanted.mismatch()  # longer than the record says: no need to go on
-                if len(pending) >= CHUNK:
+                if len(pending) >= BIG_PART_IO:
                     await asyncio.to_thread(write.write, bytes(pending))
                     pending.clear()
             await asyncio.to_thread(write.write, bytes(pending))

@@ -22,7 +22,7 @@ from loader.resources import SpooledBlob, check_name, check_resource_name
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-_UPLOAD_CHUNK = 1024 * 1024
+_UPLOAD_READ = 1024 * 1024
 # Multipart boundaries and headers, beyond the file itself.
 _FORM_OVERHEAD = 64 * 1024
 _MAX_FIELD = 4096
@@ -179,7 +179,7 @@ async def _next_part(reader: MultipartReader) -> Any:
 async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
     while True:
         try:
-            chunk = await part.read_chunk(_UPLOAD_CHUNK)
+            chunk = await part.read_chunk(_UPLOAD_READ)
         except (HttpProcessingError, ValueError, AssertionError):
             raise ValidationFailed("body: malformed multipart/form-data") from None
         if not chunk:

@@ -134,10 +134,6 @@ class Notifier:
         self.watchdog_interval = _watchdog_interval(env)
         self._last_status = ""
 
-    @property
-    def enabled(self) -> bool:
-        return self._notifier is not None
-
     def send(self, *fields: str) -> None:
         if self._notifier is not None:
             self._notifier.notify("\n".join(fields))

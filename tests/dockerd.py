@@ -34,16 +34,10 @@ import docker
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from loader.crypto import Encryptor, key_from_fragment
+from loader.images import STACK_IMAGES
 
-STACK_NAMES: tuple[str, ...] = (
-    "azaion/annotations",
-    "azaion/flights",
-    "azaion/detections",
-    "azaion/gps-denied-onboard",
-    "azaion/gps-denied-desktop",
-    "azaion/autopilot",
-    "azaion/ai-training",
-)
+# The stack's images, as the loader names them.
+STACK_NAMES: tuple[str, ...] = STACK_IMAGES
 DEFAULT_SEED = 1
 MiB = 1 << 20
 PAYLOAD_FILE_MAX = 64 * MiB

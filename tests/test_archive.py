@@ -29,9 +29,10 @@ from loader.archive import (
     read_images,
     starts_as_a_tar,
 )
-from loader.crypto import encrypt, key_from_fragment
+from loader.crypto import key_from_fragment
 from loader.errors import DecryptionFailed, DockerFailed
 from loader.images import Docker
+from tests.blobs import encrypt
 from tests.conftest import ARCHIVE_FRAGMENT
 from tests.dockerd import (
     ArchiveInfo,

@@ -18,15 +18,13 @@ from loader.crypto import (
     SMALL_PART_MAX,
     Decryptor,
     Encryptor,
-    decrypt,
-    decrypt_chunks,
-    encrypt,
     encrypted_size,
     key_from_fragment,
     plaintext_size,
     small_part_size,
 )
 from loader.errors import DecryptionFailed
+from tests.blobs import decrypt, decrypt_chunks, encrypt
 
 # NIST SP 800-38A, F.2.5 (CBC-AES256.Encrypt) and F.2.6 (CBC-AES256.Decrypt).
 NIST_KEY = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")

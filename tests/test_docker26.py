@@ -18,9 +18,10 @@ import docker
 import pytest
 
 from loader.archive import Image
-from loader.crypto import encrypt, key_from_fragment
+from loader.crypto import key_from_fragment
 from loader.images import Docker
 from loader.settings import Settings
+from tests.blobs import encrypt
 from tests.conftest import (
     ARCHIVE_FRAGMENT,
     EMAIL,

@@ -13,8 +13,9 @@ from typing import Any
 import docker
 import pytest
 
-from loader.crypto import decrypt, decrypt_chunks, encrypted_size, key_from_fragment
+from loader.crypto import encrypted_size, key_from_fragment
 from loader.errors import DecryptionFailed
+from tests.blobs import decrypt, decrypt_chunks
 from tests.conftest import skip_or_fail
 from tests.dockerd import (
     PAYLOAD_FILE_MAX,

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from loader.crypto import encrypt, key_from_fragment
+from loader.crypto import key_from_fragment
 from loader.images import Docker
 from loader.settings import Settings
+from tests.blobs import encrypt
 from tests.conftest import (
     ARCHIVE_FRAGMENT,
     EMAIL,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from loader.crypto import encrypt, key_from_fragment
+from loader.crypto import key_from_fragment
 from loader.settings import Settings
 from loader.unlock import (
     ESTIMATE_CAP,
@@ -26,6 +26,7 @@ from loader.unlock import (
     _registered,
     _take_off,
 )
+from tests.blobs import encrypt
 from tests.conftest import (
     ARCHIVE_FRAGMENT,
     EMAIL,

@@ -10,7 +10,7 @@ from bench.fixtures import Bench
 from bench.harness import MB, BenchError, Spread, warm
 from bench.results import PartResult, Row, ratio, runs
 from loader.crypto import Decryptor
-from loader.unlock import CHUNK
+from loader.unlock import ARCHIVE_READ
 
 SWEEP = (64 * 1024, 256 * 1024, 1024 * 1024, 4096 * 1024)
 
@@ -58,7 +58,7 @@ def decrypt(bench: Bench) -> PartResult:
         for step in ("ours", "openssl") if index % 2 == 0 else ("openssl", "ours"):
             bench.settle()
             if step == "ours":
-                ours.append(size / decrypt_file(archive.path, archive.key, CHUNK))
+                ours.append(size / decrypt_file(archive.path, archive.key, ARCHIVE_READ))
             else:
                 theirs.append(size / openssl_decrypt(ciphertext, archive.key, archive.iv))
         print(f"  decryption: loader.crypto {ours[-1]:,.0f} MB/s, openssl {theirs[-1]:,.0f} MB/s")
@@ -68,7 +68,8 @@ def decrypt(bench: Bench) -> PartResult:
     result.rows.append(
         Row(
             "4",
-            f"archive decryption alone ({size:,.0f} MB, warm cache, {CHUNK // 1024} KiB reads)",
+            f"archive decryption alone ({size:,.0f} MB, warm cache, "
+            f"{ARCHIVE_READ // 1024} KiB reads)",
             mine.fmt("MB/s", 0),
             f"openssl enc -d: {ref.fmt('MB/s', 0)}",
             ratio(mine, ref),
@@ -91,7 +92,7 @@ def decrypt(bench: Bench) -> PartResult:
     )
     result.notes.append(
         "Row 4: loader.crypto.Decryptor in the bench's own process reading the archive with "
-        "loader.unlock.CHUNK, against `openssl enc -d -aes-256-cbc -K .. -iv .. -in "
+        "loader.unlock.ARCHIVE_READ, against `openssl enc -d -aes-256-cbc -K .. -iv .. -in "
         "CIPHERTEXT -out /dev/null` on the same bytes without the IV (its process start, a few "
         "ms, included); alternating, output discarded."
     )

@@ -75,12 +75,12 @@ def encrypt_file(path: Path, key: bytes) -> float:
 
 
 def decrypt_blob(small: bytes, big: Path, key: bytes) -> float:
-    """Seconds to decrypt small || big as the daemon does (big read in its CHUNK pieces)."""
+    """Seconds to decrypt small || big as the daemon does (big read in its BIG_PART_IO pieces)."""
     started = time.perf_counter()
     decryptor = Decryptor(key)
     decryptor.update(small)
     with open(big, "rb", buffering=0) as source:
-        while piece := source.read(resources.CHUNK):
+        while piece := source.read(resources.BIG_PART_IO):
             decryptor.update(piece)
     decryptor.finalize()
     return time.perf_counter() - started

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loader.crypto import encrypt, key_from_fragment
+from loader.crypto import key_from_fragment
+from tests.blobs import encrypt
 from tests.conftest import ARCHIVE_FRAGMENT
 from tests.dockerd import ArchiveInfo, PrivateDockerd, layer_tar, legacy_save, present_images
 from tests.faults.conftest import STACK, StartApp, StartDaemon, assert_clear_error

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from loader.crypto import encrypt, key_from_fragment
+from loader.crypto import key_from_fragment
+from tests.blobs import encrypt
 from tests.conftest import ARCHIVE_FRAGMENT, EMAIL, PASSWORD, archive_ids
 from tests.dockerd import ArchiveInfo
 from tests.system.conftest import (
