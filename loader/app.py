@@ -24,6 +24,17 @@ from loader.metrics import Metrics
 from loader.peers import Peer, check_allowed, peer_of
 from loader.remote import ResourceAPI
 from loader.resources import Resources
+from loader.routes import (
+    API,
+    DOCKER,
+    METRICS,
+    NOTIFIER,
+    REDACT,
+    RESOURCES,
+    SETTINGS,
+    UNLOCKER,
+    routes,
+)
 from loader.settings import Settings
 from loader.systemd import Notifier
 from loader.unlock import Unlocker
@@ -38,25 +49,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_JSON_BODY = 64 * 1024
 
 
-def _key(name: str, kind: type[T]) -> web.AppKey[T]:
-    # aiohttp >= 3.9 wants typed keys; Debian 12's 3.8.4 has none and takes the string.
-    factory = getattr(web, "AppKey", None)
-    return factory(name, kind) if factory else name  # type: ignore[return-value]
-
-
 def _request_key(name: str, kind: type[T]) -> web.RequestKey[T]:
     factory = getattr(web, "RequestKey", None)  # aiohttp >= 3.11
     return factory(name, kind) if factory else name  # type: ignore[return-value]
 
 
-SETTINGS = _key("settings", Settings)
-REDACT = _key("redact", Redactor)
-NOTIFIER = _key("notifier", Notifier)
-METRICS = _key("metrics", Metrics)
-API = _key("api", ResourceAPI)
-DOCKER = _key("docker", Docker)
-UNLOCKER = _key("unlocker", Unlocker)
-RESOURCES = _key("resources", Resources)
 # The request's caller, set by caller_middleware.
 PEER = _request_key("peer", Peer)
 
@@ -70,8 +67,6 @@ _HTTP_CODES = {
 
 
 def make_app(settings: Settings, redact: Redactor, notifier: Notifier) -> web.Application:
-    from loader.routes import routes
-
     app = web.Application(
         middlewares=[error_middleware, caller_middleware], client_max_size=MAX_JSON_BODY
     )
@@ -150,7 +145,8 @@ async def _resource_api(app: web.Application) -> AsyncIterator[None]:
 async def _docker(app: web.Application) -> AsyncIterator[None]:
     docker = Docker(app[SETTINGS].docker_host)
     app[DOCKER] = docker
-    unlocker = Unlocker(app[SETTINGS], app[API], docker, app[NOTIFIER], app[REDACT], app[METRICS])
+    status = app[NOTIFIER].status  # systemd's STATUS=
+    unlocker = Unlocker(app[SETTINGS], app[API], docker, status, app[REDACT], app[METRICS])
     app[UNLOCKER] = app[METRICS].unlocker = unlocker
     yield
     await asyncio.to_thread(docker.close)

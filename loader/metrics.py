@@ -162,8 +162,6 @@ class Metrics:
     def _unlock_now(self) -> Iterator[Metric]:
         from prometheus_client.metrics_core import GaugeMetricFamily
 
-        from loader.unlock import UnlockState
-
         unlocker = self.unlocker
         if unlocker is None:
             return
@@ -171,7 +169,7 @@ class Metrics:
             PREFIX + "unlock_state", "1 for the unlock's current state.", labels=("state",)
         )
         current = unlocker.state
-        for each in UnlockState:
+        for each in type(current):  # every state, named by the unlock's own enum
             state.add_metric((each.value,), 1 if each is current else 0)
         yield state
         yield GaugeMetricFamily(

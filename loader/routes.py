@@ -8,19 +8,44 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from loader.app import API, DOCKER, METRICS, REDACT, RESOURCES, SETTINGS, UNLOCKER
 from loader.doctor import daemon_checks
 from loader.errors import LoaderError, NameMismatch, PayloadTooLarge, ValidationFailed
+from loader.images import Docker
+from loader.log import Redactor
+from loader.metrics import Metrics
 from loader.openapi import openapi_document
-from loader.resources import SpooledBlob, check_name, check_resource_name
+from loader.remote import ResourceAPI
+from loader.resources import Resources, SpooledBlob, check_name, check_resource_name
+from loader.settings import Settings
+from loader.systemd import Notifier
+from loader.unlock import Unlocker
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
+
+T = TypeVar("T")
+
+
+# The app's long-lived parts, as the handlers read them; app.py puts them in place.
+def _key(name: str, kind: type[T]) -> web.AppKey[T]:
+    # aiohttp >= 3.9 wants typed keys; Debian 12's 3.8.4 has none and takes the string.
+    factory = getattr(web, "AppKey", None)
+    return factory(name, kind) if factory else name  # type: ignore[return-value]
+
+
+SETTINGS = _key("settings", Settings)
+REDACT = _key("redact", Redactor)
+NOTIFIER = _key("notifier", Notifier)
+METRICS = _key("metrics", Metrics)
+API = _key("api", ResourceAPI)
+DOCKER = _key("docker", Docker)
+UNLOCKER = _key("unlocker", Unlocker)
+RESOURCES = _key("resources", Resources)
 
 _UPLOAD_READ = 1024 * 1024
 # Multipart boundaries and headers, beyond the file itself.

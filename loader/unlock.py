@@ -46,7 +46,6 @@ from loader.log import Redactor
 from loader.metrics import Metrics
 from loader.remote import ResourceAPI
 from loader.settings import Settings
-from loader.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +163,18 @@ class Unlocker:
         settings: Settings,
         api: ResourceAPI,
         docker: Docker,
-        notifier: Notifier,
+        status: Callable[[str], None],
         redact: Redactor,
         metrics: Metrics | None = None,
     ) -> None:
+        """`status` takes a line on the unlock's progress for people (app.py hands it to
+        systemd's STATUS=): the workflow knows nothing of who shows it."""
         self._settings = settings
         self._redact = redact
         self._metrics = metrics or Metrics()
         self._api = api
         self._docker = docker
-        self._notifier = notifier
+        self._status = status
         self._progress = _Progress()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -540,22 +541,22 @@ class Unlocker:
         p.images = list(tags)
         message = f"Ready: {len(tags)} images at {self._settings.api_version}"
         log.info("unlock: %s", message)
-        self._notifier.status(message)
+        self._status(message)
 
     def _fail(self, progress: _Progress, message: str) -> None:
         # /unlock/status is read by every member of the socket's group: redacted like the log.
         message = self._redact(message)
         progress.state, progress.error = UnlockState.ERROR, message
         log.error("unlock failed: %s", message)
-        self._notifier.status(f"Unlock failed: {message}")
+        self._status(f"Unlock failed: {message}")
 
     def _report(self, progress: _Progress) -> None:
-        """systemd's STATUS= line, e.g. "Unlocking: loading images 42% (1.3 of 3.1 GB)"."""
+        """The status line, e.g. "Unlocking: loading images 42% (1.3 of 3.1 GB)"."""
         if progress is self._progress and progress.state not in (
             UnlockState.READY,
             UnlockState.ERROR,
         ):
-            self._notifier.status(_status_line(progress))
+            self._status(_status_line(progress))
 
 
 class _ImageStream:

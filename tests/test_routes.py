@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from loader.app import SETTINGS
+from loader.routes import SETTINGS
 from loader.settings import Settings
 from tests.conftest import EMAIL, PASSWORD, LocalApp, RunningEmulator
 from tests.emulator import FaultRule
