@@ -11,7 +11,7 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,9 +177,9 @@ class ResourceAPI:
         """The big part's size and its last 32 bytes (fewer when it is shorter), by a Range GET."""
         url = f"{self._settings.cdn_url}/{folder}/{name}.big"
         what = f"the big part of {folder}/{name}"
-        attempts = 1 + self._settings.api_retries
+        attempts = self._attempts("cdn")
         try:
-            for attempt in range(1, attempts + 1):
+            for _ in attempts:
                 try:
                     async with self._cdn_get(url, what, f"bytes=-{TAIL}") as resp:
                         if resp.status == 206:
@@ -195,10 +195,8 @@ class ResourceAPI:
                 except aiohttp.ClientSSLError as exc:
                     raise _untrusted("the CDN", exc) from None
                 except (*_TRANSIENT, _CdnFailing) as exc:
-                    if attempt == attempts:
-                        raise _gave_up(exc, f"could not reach the CDN for {what}") from None
-                    self._metrics.remote_call("cdn", "retried")
-                    await asyncio.sleep(_backoff(attempt))
+                    gave_up = f"could not reach the CDN for {what}"
+                    await attempts.retry_or_raise(f"GET of {what}", exc, gave_up)
         except LoaderError as exc:
             self._count_failure("cdn", exc)
             raise
@@ -210,10 +208,10 @@ class ResourceAPI:
         """The big part from the CDN, from `offset`, resuming with Range after a cut."""
         url = f"{self._settings.cdn_url}/{folder}/{name}.big"
         what = f"the big part of {folder}/{name}"
-        attempts = 1 + self._settings.api_retries
+        attempts = self._attempts("cdn")
         total: int | None = None
         try:
-            for attempt in range(1, attempts + 1):
+            for _ in attempts:
                 ranged = f"bytes={offset}-" if offset else None
                 try:
                     async with self._cdn_get(url, what, ranged) as resp:
@@ -235,19 +233,9 @@ class ResourceAPI:
                 except aiohttp.ClientSSLError as exc:
                     raise _untrusted("the CDN", exc) from None
                 except (*_TRANSIENT, _CdnFailing) as exc:
-                    if attempt == attempts:
-                        raise _gave_up(exc, f"the CDN's {what} was cut at byte {offset}") from None
-                    log.warning(
-                        "the CDN's %s was cut at byte %d (%s), attempt %d of %d: resuming",
-                        what,
-                        offset,
-                        _describe(exc),
-                        attempt,
-                        attempts,
-                    )
-                    self._metrics.remote_call("cdn", "retried")
-                    await asyncio.sleep(_backoff(attempt))
-                    continue
+                    cut = f"the CDN's {what} was cut at byte {offset}"
+                    await attempts.retry_or_raise(f"GET of {what} from byte {offset}", exc, cut)
+                    continue  # resumed from `offset` with a Range
                 if total is not None and offset != total:
                     raise RemoteRefused(
                         f"the CDN sent {offset} bytes of {what}, not the {total} it announced"
@@ -257,6 +245,11 @@ class ResourceAPI:
         except LoaderError as exc:
             self._count_failure("cdn", exc)
             raise
+
+    def _attempts(self, remote: str, retries: int | None = None) -> _Attempts:
+        return _Attempts(
+            1 + (self._settings.api_retries if retries is None else retries), remote, self._metrics
+        )
 
     def _count_failure(self, remote: str, exc: LoaderError) -> None:
         """The last attempt of a call failed: no answer, or an answer that says no."""
@@ -390,9 +383,9 @@ class ResourceAPI:
     ) -> tuple[int, bytes]:
         """Status and body of a call with a small answer. Failures in transit and 5xx are
         retried with exponential backoff and jitter when the call is idempotent."""
-        attempts = 1 + (self._settings.api_retries if idempotent else 0)
         remote = "cdn" if self._where(url) == "the CDN" else "api"
-        for attempt in range(1, attempts + 1):
+        attempts = self._attempts(remote, retries=None if idempotent else 0)
+        for _ in attempts:
             try:
                 # A callable body is made anew for each attempt (a file is read once).
                 body = kwargs.get("data")
@@ -409,31 +402,58 @@ class ResourceAPI:
                 self._metrics.remote_call(remote, "unreachable")
                 raise _untrusted(self._where(url), exc) from None
             except _TRANSIENT as exc:
-                if attempt == attempts:
+                if attempts.last:
                     self._metrics.remote_call(remote, "unreachable")
-                    where = self._where(url)
-                    raise RemoteUnavailable(
-                        f"could not reach {where} for {what}: {_describe(exc)}"
-                    ) from None
-                reason = _describe(exc)
-            else:
-                if status < 500 or attempt == attempts:
-                    self._metrics.remote_call(remote, "ok" if status < 400 else "refused")
-                    return status, body
-                reason = f"HTTP {status}"
-            self._metrics.remote_call(remote, "retried")
-            delay = _backoff(attempt)
-            log.warning(
-                "%s for %s failed (%s), attempt %d of %d; retrying in %.2f s",
-                method,
-                what,
-                reason,
-                attempt,
-                attempts,
-                delay,
-            )
-            await asyncio.sleep(delay)
+                gave_up = f"could not reach {self._where(url)} for {what}"
+                await attempts.retry_or_raise(f"{method} for {what}", exc, gave_up)
+                continue
+            if status < 500 or attempts.last:
+                self._metrics.remote_call(remote, "ok" if status < 400 else "refused")
+                return status, body
+            await attempts.pause(f"{method} for {what}", f"HTTP {status}")
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+class _Attempts:
+    """The attempts at one remote call, the one place retries are decided: iterate for each
+    attempt; after a failure in transit or a 5xx, `failed` waits an exponential backoff with
+    full jitter before the next, counting it as retried, or raises once none is left."""
+
+    def __init__(self, total: int, remote: str, metrics: Metrics) -> None:
+        self.total = total
+        self.remote = remote
+        self._metrics = metrics
+        self.number = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for number in range(1, self.total + 1):
+            self.number = number
+            yield number
+
+    @property
+    def last(self) -> bool:
+        return self.number >= self.total
+
+    async def retry_or_raise(self, doing: str, exc: Exception, gave_up: str) -> None:
+        """`doing` failed in transit, or the CDN sent a 5xx (`_CdnFailing`): wait for the next
+        attempt or, after the last, raise the CDN's refusal or RemoteUnavailable(`gave_up`)."""
+        if self.last:
+            raise _gave_up(exc, gave_up) from None
+        await self.pause(doing, _describe(exc))
+
+    async def pause(self, doing: str, reason: str) -> None:
+        """Before the next attempt, after `doing` failed for `reason`."""
+        self._metrics.remote_call(self.remote, "retried")
+        delay = _backoff(self.number)
+        log.warning(
+            "%s failed (%s), attempt %d of %d; retrying in %.2f s",
+            doing,
+            reason,
+            self.number,
+            self.total,
+            delay,
+        )
+        await asyncio.sleep(delay)
 
 
 class _CdnFailing(Exception):
