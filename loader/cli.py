@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -55,7 +55,7 @@ def add_commands(commands: Any) -> None:
             default=os.environ.get("LOADER_SOCKET") or DEFAULT_SOCKET,
             help="the daemon's socket (default: $LOADER_SOCKET, else %(default)s)",
         )
-        parser.set_defaults(run=globals()[f"_{name}"])
+        parser.set_defaults(run=_COMMANDS[name])
         return parser
 
     status = command(
@@ -480,3 +480,15 @@ def _size(count: float) -> str:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# Each command's coroutine, by the name it is called by.
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "status": _status,
+    "doctor": _doctor,
+    "login": _login,
+    "unlock": _unlock,
+    "load": _load,
+    "upload": _upload,
+    "metrics": _metrics,
+}
