@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningEmulator
+from tests.conftest import RunningEmulator, wait_for
 from tests.dockerd import ArchiveInfo, PrivateDockerd
 from tests.faults.conftest import FOLDER, StartApp, StartDaemon
+from tests.test_metrics import Scrape
 
 
 @pytest.mark.docker
@@ -43,10 +44,29 @@ async def test_50_concurrent_loads_download_once(
     data = os.urandom(4_000_000)
     assert (await client.upload("shared.bin", data))[0] == 200
     (scene.cache / FOLDER / "shared.bin.big").unlink()
-    results = await asyncio.gather(*(client.load("shared.bin") for _ in range(50)))
+    emu = emulator.emulator
+    emu.reset_stats()
+    cdn = f"/cdn/{FOLDER}/shared.bin.big"
+    # The download waits at the gate until every load has asked the API for its parts
+    # (small part and integrity record): the loads overlap for certain, not by timing.
+    gate = emu.hold("GET", cdn)
+    loads = [asyncio.ensure_future(client.load("shared.bin")) for _ in range(50)]
+    try:
+        await wait_for(
+            lambda: emu.requests("POST", f"/resources/get/{FOLDER}") == 100 and gate.held >= 1,
+            what="50 loads asking for their parts, and a download at the gate",
+        )
+    finally:
+        gate.open()
+    results = await asyncio.gather(*loads)
     assert [(r.status, r.cut) for r in results] == [(200, False)] * 50
     assert all(r.body == data for r in results)
-    assert emulator.emulator.requests("GET", f"/cdn/{FOLDER}/shared.bin.big") == 1
+    assert emu.requests("GET", cdn) == 1
+    assert emu.downloads(cdn) == 1
+    # Each of the 50 found no cache entry (a late one would count as "cache"): one download
+    # served them all.
+    scraped = Scrape((await client.request("GET", "/metrics"))[1].decode())
+    assert scraped.loads() == {"cache": (0, 0), "cdn": (50, 50 * len(data))}
     await scene.assert_after(data)
 
 
