@@ -1,10 +1,12 @@
 """Fault matrix, load: 50 concurrent /unlock (one workflow), 50 concurrent /load (one
-download), 1,000 concurrent connections on the socket (served or refused, never a crash)."""
+download), 1,000 concurrent connections on the socket (each served, or refused by the
+kernel when the listen backlog is full; never dropped by the daemon)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import os
 from pathlib import Path
 
@@ -14,6 +16,10 @@ from tests.conftest import RunningEmulator, wait_for
 from tests.dockerd import ArchiveInfo, PrivateDockerd
 from tests.faults.conftest import FOLDER, StartApp, StartDaemon
 from tests.test_metrics import Scrape
+
+# A connection the kernel refused has no peer (see one_connection).
+KERNEL_REFUSALS = {"refused: ENOTCONN"}
+BACKLOG = 128  # loader/server.py listens with it
 
 
 @pytest.mark.docker
@@ -71,34 +77,52 @@ async def test_50_concurrent_loads_download_once(
 
 
 async def one_connection(socket: Path) -> str:
-    """How one bare connection went: "served", or "refused: <reason>"."""
+    """How one bare connection went: "served" (200 and the health body), "refused: <errno>"
+    when the kernel refused it (the listen backlog was full: connect() failed with EAGAIN,
+    which asyncio takes for "in progress", so the socket is left without a peer), or what
+    else happened, which must never happen."""
     try:
         reader, writer = await asyncio.open_unix_connection(str(socket))
     except OSError as exc:
-        return f"refused: {type(exc).__name__}"
+        return f"connect failed: {errno.errorcode.get(exc.errno or 0, type(exc).__name__)}"
     try:
+        try:
+            writer.get_extra_info("socket").getpeername()
+        except OSError as exc:
+            return f"refused: {errno.errorcode.get(exc.errno or 0, type(exc).__name__)}"
         writer.write(b"GET /health HTTP/1.1\r\nHost: loader\r\nConnection: close\r\n\r\n")
         await writer.drain()
         answer = await reader.read()
     except OSError as exc:
-        return f"refused: {type(exc).__name__}"
+        return f"broken after connect: {type(exc).__name__}"
     finally:
         writer.close()
     if answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status": "healthy"}'):
         return "served"
     if not answer:
-        return "refused: closed without an answer"
+        return "closed without an answer"
     return f"answered: {answer[:80]!r}"
 
 
 async def test_1000_concurrent_connections(start_daemon: StartDaemon) -> None:
-    daemon = await start_daemon()
+    # The daemon has no connection limit of its own (README, fault matrix): each connection
+    # it accepts is served; only the kernel refuses, when the listen backlog is full.
+    daemon = await start_daemon(log_level="DEBUG")  # one access line per request
+
+    def health_lines() -> int:
+        return daemon.log().count('"GET /health" 200 ')
+
+    before = health_lines()
     outcomes = await asyncio.wait_for(
         asyncio.gather(*(one_connection(daemon.scene.socket) for _ in range(1000))), 60
     )
     seen = collections.Counter(outcomes)
-    assert seen["served"] > 0, seen
-    assert all(o == "served" or o.startswith("refused: ") for o in outcomes), seen
+    refused = sum(n for outcome, n in seen.items() if outcome in KERNEL_REFUSALS)
+    assert seen["served"] + refused == 1000, seen
+    assert seen["served"] > BACKLOG, seen
+    # The daemon answered exactly the served ones: the refused ones never reached it.
+    await wait_for(lambda: health_lines() >= before + seen["served"], what="the access log")
+    assert health_lines() == before + seen["served"], seen
     assert daemon.running, daemon.log()
     assert "Traceback" not in daemon.log()
     await daemon.scene.assert_after()
