@@ -404,7 +404,8 @@ async def stop(proc: asyncio.subprocess.Process) -> tuple[int, str]:
 def big_archive(
     private_dockerd: PrivateDockerd, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ArchiveInfo]:
-    """An archive big enough for a load to take a while: faults can land in its middle."""
+    """An archive big enough for a load to take a while: faults can land in its middle.
+    The one big archive of the suite: tests/ and tests/faults/ share it."""
     tags = build_stack_images(private_dockerd, "latest", payload_bytes=300 * 2**20)
     path = tmp_path_factory.mktemp("big") / "images.enc"
     info = write_archive(private_dockerd, tags, ARCHIVE_FRAGMENT, path)

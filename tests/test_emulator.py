@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
+from tests.conftest import wait_for
 from tests.emulator import Emulator, EmulatorConfig, FaultKind, FaultRates, FaultRule, make_app
 from tests.emulator.responses import ByteRange, RangeNotSatisfiable, parse_byte_range
 
@@ -546,6 +547,29 @@ async def test_a_delay_rule_holds_the_answer_back(api: Api) -> None:
     async with api.http.get("/cdn/f/n.big") as resp:
         assert resp.status == 404
     assert loop.time() - started >= 0.3
+
+
+async def test_a_gate_holds_matching_requests_until_it_opens(api: Api) -> None:
+    assert await api.put_big("/cdn/f/n.big", BIG) == 201
+    gate = api.emulator.hold("GET", "/cdn/f/")
+
+    async def get(path: str) -> tuple[int, bytes]:
+        async with api.http.get(path) as resp:
+            return resp.status, await resp.read()
+
+    held = [asyncio.ensure_future(get("/cdn/f/n.big")) for _ in range(3)]
+    try:
+        await wait_for(lambda: gate.held == 3, what="three requests at the gate")
+        # Other paths and methods pass, and the held ones are still waiting.
+        assert (await get("/cdn/g/n.big"))[0] == 404
+        assert await api.put_big("/cdn/f/other.big", BIG) == 201
+        assert not any(task.done() for task in held)
+        assert api.emulator.requests("GET", "/cdn/f/n.big") == 3
+    finally:
+        gate.open()
+    assert await asyncio.gather(*held) == [(200, BIG)] * 3
+    assert await get("/cdn/f/n.big") == (200, BIG)  # an open gate lets the next one through
+    assert gate.held == 4
 
 
 async def test_truncating_a_range_answer(api: Api) -> None:

@@ -348,20 +348,6 @@ async def test_stale_cache_entry_is_fetched_again(
     assert emulator.emulator.downloads("/cdn/models/model.bin.big") == 1
 
 
-async def test_two_loads_of_one_uncached_resource_download_once(
-    logged_in: LocalApp, emulator: RunningEmulator, settings: Settings
-) -> None:
-    data = os.urandom(1_000_000)
-    assert (await upload(logged_in, "shared.bin", data))[0] == 200
-    (settings.model_cache_dir / FOLDER / "shared.bin.big").unlink()
-    emulator.emulator.add_rule(
-        FaultRule(method="GET", path_prefix="/cdn/models/shared.bin.big", kind="delay", delay=0.3)
-    )
-    results = await asyncio.gather(*(load(logged_in, "shared.bin") for _ in range(2)))
-    assert [(s, b) for s, b, _ in results] == [(200, data), (200, data)]
-    assert emulator.emulator.requests("GET", "/cdn/models/shared.bin.big") == 1
-
-
 async def test_many_different_loads_side_by_side(logged_in: LocalApp) -> None:
     blobs = {f"m{i}.bin": os.urandom(20_000 + i) for i in range(8)}
     for name, data in blobs.items():

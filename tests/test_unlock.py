@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
@@ -370,16 +369,6 @@ async def test_a_stack_on_a_shared_base_sends_the_base_once(
     assert image_ids(private_dockerd, no_stack_images) == archive_ids(archive)
     # The base went once: a bit more than it, and seven small layers.
     assert 4 * MiB < final["bytesTotal"] < 4 * MiB + 7 * 300 * 1024
-
-
-async def test_fifty_concurrent_unlocks_run_one_workflow(
-    start: Start, emulator: RunningEmulator, no_stack_images: list[str]
-) -> None:
-    app = await start()
-    answers = await asyncio.gather(*(post_unlock(app) for _ in range(50)))
-    assert {status for status, _ in answers} == {200}
-    assert (await settled(app))["state"] == "ready"
-    assert emulator.emulator.requests("GET", "/binary-split/key-fragment") == 1
 
 
 async def test_docker_dying_mid_load_then_back(

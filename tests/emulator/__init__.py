@@ -7,6 +7,7 @@ Run it with ``python -m tests.emulator --help``; tests build it in-process with
 from .config import EmulatorConfig
 from .emulator import Emulator, Stats
 from .faults import FaultKind, FaultRates, FaultRule
+from .gates import Gate
 from .server import make_app
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "FaultKind",
     "FaultRates",
     "FaultRule",
+    "Gate",
     "Stats",
     "make_app",
 ]

@@ -11,6 +11,7 @@ from typing import TypedDict
 
 from .config import EmulatorConfig
 from .faults import FaultInjector, FaultRates, FaultRule
+from .gates import Gate
 from .storage import PartStore
 
 Clock = Callable[[], float]
@@ -42,6 +43,7 @@ class Emulator:
         self.config = config
         self.store = PartStore(config.storage_dir)
         self.faults = FaultInjector(config.rates, config.rules, seed=config.seed)
+        self.gates: list[Gate] = []
         self._clock = clock
         self._token_expiry: dict[str, float] = {}
         self._requests: Counter[str] = Counter()
@@ -93,6 +95,18 @@ class Emulator:
 
     def clear_faults(self) -> None:
         self.faults.clear()
+
+    # Gates
+
+    def hold(self, method: str, path_prefix: str) -> Gate:
+        """A gate, shut: matching requests wait at it (counted first) until it opens."""
+        gate = Gate(method, path_prefix)
+        self.gates.append(gate)
+        return gate
+
+    async def pass_gates(self, method: str, path: str) -> None:
+        for gate in [g for g in self.gates if g.matches(method, path)]:
+            await gate.passage()
 
     # Counters
 

@@ -113,6 +113,7 @@ class _Routes:
         if request.path.startswith(CONTROL_PREFIX):
             return await self._answer(request, handler)
         self._emulator.count_request(request.method, request.path)
+        await self._emulator.pass_gates(request.method, request.path)
         fault = self._emulator.faults.draw(
             request.method, request.path, has_range=hdrs.RANGE in request.headers
         )

@@ -27,7 +27,6 @@ import pytest
 
 from loader.settings import Settings
 from tests.conftest import (
-    ARCHIVE_FRAGMENT,
     EMAIL,
     PASSWORD,
     LocalApp,
@@ -41,14 +40,10 @@ from tests.conftest import (
     wait_for,
 )
 from tests.dockerd import (
-    ArchiveInfo,
     PrivateDockerd,
-    build_stack_images,
     image_ids,
     present_images,
-    remove_images,
     stack_tags,
-    write_archive,
 )
 from tests.emulator import Emulator
 
@@ -521,19 +516,6 @@ async def start_daemon(
         if daemon.running:
             daemon.proc.kill()
             await daemon.proc.wait()
-
-
-@pytest.fixture(scope="session")
-def large_archive(
-    private_dockerd: PrivateDockerd, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ArchiveInfo]:
-    """An archive whose load takes a few seconds, so that faults can land in its middle."""
-    tags = build_stack_images(private_dockerd, "latest", payload_bytes=256 * MiB)
-    path = tmp_path_factory.mktemp("large") / "images.enc"
-    info = write_archive(private_dockerd, tags, ARCHIVE_FRAGMENT, path)
-    remove_images(private_dockerd, tags)
-    yield info
-    path.unlink(missing_ok=True)
 
 
 @pytest.fixture

@@ -124,15 +124,15 @@ def flip_byte(path: Path, offset: int) -> None:
 async def test_one_flipped_byte(
     start_app: StartApp,
     private_dockerd: PrivateDockerd,
-    large_archive: ArchiveInfo,
+    big_archive: ArchiveInfo,
     no_stack_images: list[str],
     tmp_path: Path,
 ) -> None:
-    # The middle of the large archive is inside a layer's random content: CBC has no
+    # The middle of the big archive is inside a layer's random content: CBC has no
     # integrity check, so it is Docker's digest of the layer that catches the damage.
     archive = tmp_path / "flipped.enc"
-    shutil.copyfile(large_archive.path, archive)
-    flip_byte(archive, large_archive.size // 2)
+    shutil.copyfile(big_archive.path, archive)
+    flip_byte(archive, big_archive.size // 2)
     scene = await start_app(private_dockerd, images_path=archive)
     client = scene.client()
     assert (await client.unlock())[0] == 200
@@ -141,14 +141,14 @@ async def test_one_flipped_byte(
     assert "Docker refused the images" in failed["error"], failed
     assert failed["imagesDone"] < 7, failed
     # The images before the damaged one stay, whole and right: the next unlock resumes.
-    await scene.assert_after(archive=large_archive.path)
-    scene = await start_app(private_dockerd, images_path=large_archive.path)
+    await scene.assert_after(archive=big_archive.path)
+    scene = await start_app(private_dockerd, images_path=big_archive.path)
     client = scene.client()
     assert (await client.unlock())[0] == 200
     final = await client.settled()
     assert final["state"] == "ready", final
-    assert final["bytesTotal"] < large_archive.plaintext_size * (7 - failed["imagesDone"]) / 6
-    await scene.assert_after(images=True, archive=large_archive.path)
+    assert final["bytesTotal"] < big_archive.plaintext_size * (7 - failed["imagesDone"]) / 6
+    await scene.assert_after(images=True, archive=big_archive.path)
 
 
 async def test_wrong_fragment(

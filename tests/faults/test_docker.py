@@ -49,10 +49,10 @@ async def test_docker_absent_at_start(
 async def test_docker_killed_in_the_middle_of_a_load_then_back(
     start_app: StartApp,
     dockerd_back: PrivateDockerd,
-    large_archive: ArchiveInfo,
+    big_archive: ArchiveInfo,
     no_stack_images: list[str],
 ) -> None:
-    scene = await start_app(dockerd_back, images_path=large_archive.path)
+    scene = await start_app(dockerd_back, images_path=big_archive.path)
     client = scene.client()
     assert (await client.unlock())[0] == 200
     await client.loading()
@@ -63,13 +63,13 @@ async def test_docker_killed_in_the_middle_of_a_load_then_back(
     await client.health()
     dockerd_back.start()
     # What the cut load completed is whole and right; the image it was in is not there.
-    await scene.assert_after(archive=large_archive.path)
+    await scene.assert_after(archive=big_archive.path)
     kept = present_images(dockerd_back, STACK)
     assert len(kept) < len(STACK)
     assert (await client.unlock())[0] == 200
     final = await client.settled()
     assert final["state"] == "ready", final
-    await scene.assert_after(images=True, archive=large_archive.path)
+    await scene.assert_after(images=True, archive=big_archive.path)
 
 
 @pytest.mark.docker

@@ -42,13 +42,11 @@ def assert_stopped_cleanly(daemon: Daemon, code: int) -> None:
 async def test_sigterm_during_an_unlock(
     start_daemon: StartDaemon,
     private_dockerd: PrivateDockerd,
-    large_archive: ArchiveInfo,
+    big_archive: ArchiveInfo,
     no_stack_images: list[str],
 ) -> None:
     grace = 5.0
-    daemon = await start_daemon(
-        private_dockerd, images_path=large_archive.path, shutdown_grace=grace
-    )
+    daemon = await start_daemon(private_dockerd, images_path=big_archive.path, shutdown_grace=grace)
     client = daemon.scene.client()
     assert (await client.unlock())[0] == 200
     await client.loading()
@@ -56,7 +54,7 @@ async def test_sigterm_during_an_unlock(
     assert_stopped_cleanly(daemon, code)
     assert "unlock failed: stopped: the daemon shut down during the unlock" in daemon.log()
     # What completed before the stop stays, whole and right; nothing else.
-    daemon.scene.assert_clean(archive=large_archive.path)
+    daemon.scene.assert_clean(archive=big_archive.path)
 
 
 @pytest.mark.parametrize("reader", ["reading", "stalled"])
@@ -150,11 +148,11 @@ async def test_sigkill_then_restart(
     emulator: RunningEmulator,
     private_dockerd: PrivateDockerd,
     image_archive: ArchiveInfo,
-    large_archive: ArchiveInfo,
+    big_archive: ArchiveInfo,
     no_stack_images: list[str],
     moment: str,
 ) -> None:
-    archive = large_archive if moment == "unlock" else image_archive
+    archive = big_archive if moment == "unlock" else image_archive
     first = await start_daemon(private_dockerd, images_path=archive.path)
     client = first.scene.client()
     assert (await client.login())[0] == 200
