@@ -38,6 +38,7 @@ from tests.dockerd import (
 )
 from tests.emulator import Emulator, EmulatorConfig
 from tests.emulator import make_app as make_emulator_app
+from tests.polling import poll_async
 
 EMAIL = "operator@azaion.test"
 PASSWORD = "correct-horse-battery"
@@ -204,16 +205,10 @@ async def wait_for(
     condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
 ) -> Any:
     """Poll `condition` (sync or async) until it is truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
+    result = await poll_async(condition, timeout)
+    if not result:
+        pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    return result
 
 
 def socket_answers(path: Path) -> bool:

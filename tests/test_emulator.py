@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
+from tests.conftest import wait_for
 from tests.emulator import Emulator, EmulatorConfig, FaultKind, FaultRates, FaultRule, make_app
 from tests.emulator.responses import ByteRange, RangeNotSatisfiable, parse_byte_range
 
@@ -129,14 +130,6 @@ def swapped(data: bytes, start: int) -> bytes:
     """``data`` with the 16-byte blocks at ``start`` and ``start + 16`` swapped."""
     first, second = data[start : start + 16], data[start + 16 : start + 32]
     return data[:start] + second + first + data[start + 32 :]
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while not condition():
-        assert loop.time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.01)
 
 
 # Authentication
@@ -866,10 +859,10 @@ async def test_an_upload_cut_off_by_the_client_leaves_nothing(
     )
     await writer.drain()
     incoming = tmp_path / "parts" / "incoming"
-    await wait_until(lambda: incoming.is_dir() and any(incoming.iterdir()))
+    await wait_for(lambda: incoming.is_dir() and any(incoming.iterdir()), DEADLINE, "a part upload")
     writer.close()
     await writer.wait_closed()
-    await wait_until(lambda: not any(incoming.iterdir()))
+    await wait_for(lambda: not any(incoming.iterdir()), DEADLINE, "the partial file to go")
     async with api.http.get("/cdn/f/cut.big") as resp:
         assert resp.status == 404
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -881,7 +874,9 @@ async def test_a_download_abandoned_half_way_is_counted_as_such(api: Api) -> Non
     async with api.http.get("/cdn/f/n.big") as resp:
         await resp.content.readexactly(1000)
         resp.close()
-    await wait_until(lambda: "/cdn/f/n.big" in api.emulator.stats()["bytes_served"])
+    await wait_for(
+        lambda: "/cdn/f/n.big" in api.emulator.stats()["bytes_served"], DEADLINE, "the download"
+    )
     assert 1000 <= api.emulator.stats()["bytes_served"]["/cdn/f/n.big"] < len(big)
     assert api.emulator.stats()["downloads"] == {}
 
