@@ -252,6 +252,34 @@ async def raw_request(
     return int(status_line.split()[1]), payload
 
 
+FORM_BOUNDARY = "azl-form-5d1f0c"
+
+
+def upload_form(
+    data: bytes = b"payload",
+    folder: str = "models",
+    *,
+    field: str = "data",
+    folder_first: bool = True,
+) -> tuple[bytes, str]:
+    """An /upload body (multipart/form-data) and its Content-Type, built by hand so that the
+    folder goes exactly as given, even text a client would refuse; for aiohttp and raw_request."""
+    folder_part = (
+        f'--{FORM_BOUNDARY}\r\nContent-Disposition: form-data; name="folder"\r\n\r\n{folder}\r\n'
+    ).encode()
+    data_part = (
+        (
+            f'--{FORM_BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; '
+            'filename="upload.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        + data
+        + b"\r\n"
+    )
+    parts = [folder_part, data_part] if folder_first else [data_part, folder_part]
+    body = b"".join(parts) + f"--{FORM_BOUNDARY}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={FORM_BOUNDARY}"
+
+
 @pytest.fixture(scope="session")
 def private_dockerd() -> Iterator[PrivateDockerd]:
     """One private dockerd for the whole session; skipped (failed in CI) where it cannot run."""
