@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EMAIL, PASSWORD, LocalApp
+from tests.conftest import EMAIL, PASSWORD, LocalApp, upload_form
 
 # The local API's contract (contracts/socket-api.md): the document must at least cover it.
 CONTRACT = {
@@ -24,7 +24,8 @@ RIGHT = {"email": EMAIL, "password": PASSWORD}
 LOAD = {"filename": "model.bin", "folder": "models"}
 
 # Requests the daemon answers without Docker, an archive or a login: (method, path the
-# document names, path sent, JSON body or None, the status the daemon gives).
+# document names, path sent, a JSON body or a form and its Content-Type, the status the
+# daemon gives).
 ANSWERS = [
     ("GET", "/health", "/health", None, 200),
     ("GET", "/status", "/status", None, 200),
@@ -38,6 +39,8 @@ ANSWERS = [
     ("POST", "/load/{filename}", "/load/other.bin", LOAD, 400),
     ("POST", "/load/{filename}", "/load/model.bin", {"folder": 3}, 422),
     ("POST", "/unlock", "/unlock", {"password": PASSWORD}, 422),
+    ("POST", "/upload/{filename}", "/upload/model.bin", upload_form(), 401),
+    ("POST", "/upload/{filename}", "/upload/model.bin.integrity", upload_form(), 400),
 ]
 
 
@@ -142,10 +145,14 @@ async def test_a_real_answer_is_documented(
     method: str,
     template: str,
     path: str,
-    body: dict[str, Any] | None,
+    body: dict[str, Any] | tuple[bytes, str] | None,
     status: int,
 ) -> None:
-    async with local.session.request(method, local.url(path), json=body) as resp:
+    if isinstance(body, tuple):
+        sent: dict[str, Any] = {"data": body[0], "headers": {"Content-Type": body[1]}}
+    else:
+        sent = {"json": body}
+    async with local.session.request(method, local.url(path), **sent) as resp:
         assert resp.status == status
         content_type = resp.content_type
         payload: Any = (
