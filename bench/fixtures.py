@@ -24,12 +24,12 @@ from bench.harness import (
     answers_health,
     io_counters,
     peak_rss_mb,
-    poll,
     rss_mb,
     wait_quiet,
 )
 from loader.crypto import IV_SIZE, key_from_fragment
 from tests.dockerd import STACK_NAMES, PrivateDockerd, remove_images
+from tests.polling import poll
 
 EMAIL = "bench@azaion.local"
 PASSWORD = "bench-password"

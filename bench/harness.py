@@ -77,16 +77,6 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return ordered[rank - 1]
 
 
-def poll(condition: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
-    """Call `condition` until it is true or `timeout` s pass; its last answer."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return condition()
-        time.sleep(interval)
-    return True
-
-
 # /proc
 
 

@@ -38,6 +38,7 @@ from tests.dockerd import (
 )
 from tests.emulator import Emulator, EmulatorConfig
 from tests.emulator import make_app as make_emulator_app
+from tests.polling import poll_async
 
 EMAIL = "operator@azaion.test"
 PASSWORD = "correct-horse-battery"
@@ -204,16 +205,10 @@ async def wait_for(
     condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
 ) -> Any:
     """Poll `condition` (sync or async) until it is truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
+    result = await poll_async(condition, timeout)
+    if not result:
+        pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    return result
 
 
 def socket_answers(path: Path) -> bool:
@@ -255,6 +250,34 @@ async def raw_request(
     status_line, _, rest = answer.partition(b"\r\n")
     _, _, payload = rest.partition(b"\r\n\r\n")
     return int(status_line.split()[1]), payload
+
+
+FORM_BOUNDARY = "azl-form-5d1f0c"
+
+
+def upload_form(
+    data: bytes = b"payload",
+    folder: str = "models",
+    *,
+    field: str = "data",
+    folder_first: bool = True,
+) -> tuple[bytes, str]:
+    """An /upload body (multipart/form-data) and its Content-Type, built by hand so that the
+    folder goes exactly as given, even text a client would refuse; for aiohttp and raw_request."""
+    folder_part = (
+        f'--{FORM_BOUNDARY}\r\nContent-Disposition: form-data; name="folder"\r\n\r\n{folder}\r\n'
+    ).encode()
+    data_part = (
+        (
+            f'--{FORM_BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; '
+            'filename="upload.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        + data
+        + b"\r\n"
+    )
+    parts = [folder_part, data_part] if folder_first else [data_part, folder_part]
+    body = b"".join(parts) + f"--{FORM_BOUNDARY}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={FORM_BOUNDARY}"
 
 
 @pytest.fixture(scope="session")

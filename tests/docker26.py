@@ -26,7 +26,8 @@ from typing import Any
 
 import docker
 
-from tests.dockerd import mounts_under, ping, poll
+from tests.dockerd import mounts_under, ping
+from tests.polling import poll
 from tests.system.machine import Machine, MachineError
 
 REPO = Path(__file__).resolve().parents[1]

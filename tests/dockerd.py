@@ -23,7 +23,6 @@ import socket
 import subprocess
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from loader.crypto import Encryptor, key_from_fragment
 from loader.images import STACK_IMAGES
+from tests.polling import poll
 
 # The stack's images, as the loader names them.
 STACK_NAMES: tuple[str, ...] = STACK_IMAGES
@@ -132,16 +132,6 @@ def _umount(path: str) -> None:
     if libc.umount2(path.encode(), 0) != 0 and libc.umount2(path.encode(), mnt_detach) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"cannot unmount {path}: {os.strerror(errno)}")
-
-
-def poll(condition: Any, timeout: float, interval: float = 0.01) -> bool:
-    """Call `condition` until it is true or `timeout` seconds pass; its last answer."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return bool(condition())
-        time.sleep(interval)
-    return True
 
 
 class PrivateDockerd:

@@ -11,7 +11,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.dockerd import ping, poll
+from tests.dockerd import ping
+from tests.polling import poll
 
 
 class PodmanError(RuntimeError):

@@ -21,6 +21,7 @@ from tests.conftest import (
     Spawn,
     daemon_env,
     loader_command,
+    skip_or_fail,
     socket_answers,
     wait_for,
 )
@@ -111,7 +112,7 @@ async def test_no_socket_exits_3_and_says_what_to_do(short_dir: Path) -> None:
 
 async def test_permission_denied_says_to_join_the_group(daemon: Callable[..., Any]) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root to run the client as another user")
+        skip_or_fail("needs root to run the client as another user")
     sock = await daemon()
     os.chmod(sock.parent, 0o755)  # noqa: S103 - the socket itself stays 0660 root:root
     proc = await asyncio.create_subprocess_exec(

@@ -76,11 +76,6 @@ def test_key_is_sha256_of_the_fragment() -> None:
     assert len(key_from_fragment(b"")) == 32
 
 
-def test_nist_vector_is_raw_cbc_in_the_cryptography_package() -> None:
-    encryptor = Cipher(algorithms.AES(NIST_KEY), modes.CBC(NIST_IV)).encryptor()
-    assert encryptor.update(NIST_PLAINTEXT) + encryptor.finalize() == NIST_CIPHERTEXT
-
-
 def test_nist_f25_cbc_aes256_encrypt() -> None:
     blob = encrypt(NIST_KEY, NIST_PLAINTEXT, NIST_IV)
     assert blob[:IV_SIZE] == NIST_IV

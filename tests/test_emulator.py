@@ -132,14 +132,6 @@ def swapped(data: bytes, start: int) -> bytes:
     return data[:start] + second + first + data[start + 32 :]
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while not condition():
-        assert loop.time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.01)
-
-
 # Authentication
 
 
@@ -890,10 +882,10 @@ async def test_an_upload_cut_off_by_the_client_leaves_nothing(
     )
     await writer.drain()
     incoming = tmp_path / "parts" / "incoming"
-    await wait_until(lambda: incoming.is_dir() and any(incoming.iterdir()))
+    await wait_for(lambda: incoming.is_dir() and any(incoming.iterdir()), DEADLINE, "a part upload")
     writer.close()
     await writer.wait_closed()
-    await wait_until(lambda: not any(incoming.iterdir()))
+    await wait_for(lambda: not any(incoming.iterdir()), DEADLINE, "the partial file to go")
     async with api.http.get("/cdn/f/cut.big") as resp:
         assert resp.status == 404
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -905,7 +897,9 @@ async def test_a_download_abandoned_half_way_is_counted_as_such(api: Api) -> Non
     async with api.http.get("/cdn/f/n.big") as resp:
         await resp.content.readexactly(1000)
         resp.close()
-    await wait_until(lambda: "/cdn/f/n.big" in api.emulator.stats()["bytes_served"])
+    await wait_for(
+        lambda: "/cdn/f/n.big" in api.emulator.stats()["bytes_served"], DEADLINE, "the download"
+    )
     assert 1000 <= api.emulator.stats()["bytes_served"]["/cdn/f/n.big"] < len(big)
     assert api.emulator.stats()["downloads"] == {}
 

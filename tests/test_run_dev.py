@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tests.conftest import skip_or_fail
 from tests.dockerd import PrivateDockerd, present_images, processes_mentioning, stack_tags
+from tests.polling import poll
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,11 +86,9 @@ def test_printed_commands_unlock_the_demo_stack_and_round_trip_a_resource(tmp_pa
         unlock = next(b for heading, b in blocks.items() if heading.startswith("Unlock the demo"))
         roundtrip = next(b for heading, b in blocks.items() if heading.startswith("Upload"))
 
-        deadline = time.monotonic() + 30
-        while not (run / "loader.sock").exists():
-            assert proc.poll() is None, "".join(printed)
-            assert time.monotonic() < deadline, "".join(printed)
-            time.sleep(0.05)
+        poll(lambda: proc.poll() is not None or (run / "loader.sock").exists(), 30, 0.05)
+        assert proc.poll() is None, "".join(printed)
+        assert (run / "loader.sock").exists(), "".join(printed)
         for command in tries:  # health, status, doctor (exit 1 on a failed check), metrics
             answer = _shell(command)
             assert answer.returncode == 0, (command, answer)

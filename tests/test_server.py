@@ -10,7 +10,6 @@ import signal
 import socket
 import stat
 
-import aiohttp
 import pytest
 
 from loader.settings import Settings
@@ -27,6 +26,7 @@ from tests.conftest import (
     skip_or_fail,
     socket_answers,
     stop,
+    upload_form,
     wait_for,
 )
 from tests.emulator import FaultRule
@@ -207,16 +207,18 @@ async def test_debris_is_gone_before_the_first_request_is_served(
     assert proc.stderr is not None
     assert b"Listening on" in await asyncio.wait_for(proc.stderr.readline(), 10)
     data = os.urandom(2_000_000)
-    form = aiohttp.FormData()
-    form.add_field("folder", "models")
-    form.add_field("data", io.BytesIO(data), filename="model.bin")
+    form, content_type = upload_form(data, "models")
     async with session_for(sock) as session:
         # This connection starts the daemon; the upload follows as soon as the login is in.
         async with session.post(
             "http://loader/login", json={"email": EMAIL, "password": PASSWORD}
         ) as resp:
             assert resp.status == 200
-        async with session.post("http://loader/upload/model.bin", data=form) as resp:
+        async with session.post(
+            "http://loader/upload/model.bin",
+            data=io.BytesIO(form),
+            headers={"Content-Type": content_type},
+        ) as resp:
             assert resp.status == 200, await resp.text()
         async with session.post(
             "http://loader/load/model.bin", json={"filename": "model.bin", "folder": "models"}
@@ -234,15 +236,17 @@ async def test_shutdown_with_a_download_in_flight_and_no_caller(
     proc = await spawn(*loader_command(), "serve", env=daemon_env(settings, SHUTDOWN_GRACE="1"))
     await wait_for(lambda: socket_answers(settings.socket_path), what="the socket")
     data = os.urandom(1_000_000)
-    form = aiohttp.FormData()
-    form.add_field("folder", "models")
-    form.add_field("data", io.BytesIO(data), filename="model.bin")
+    form, content_type = upload_form(data, "models")
     async with session_for(settings.socket_path) as session:
         async with session.post(
             "http://loader/login", json={"email": EMAIL, "password": PASSWORD}
         ) as resp:
             assert resp.status == 200
-        async with session.post("http://loader/upload/model.bin", data=form) as resp:
+        async with session.post(
+            "http://loader/upload/model.bin",
+            data=io.BytesIO(form),
+            headers={"Content-Type": content_type},
+        ) as resp:
             assert resp.status == 200
     (settings.model_cache_dir / "models" / "model.bin.big").unlink()
     cdn = "/cdn/models/model.bin.big"

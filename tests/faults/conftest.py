@@ -37,6 +37,7 @@ from tests.conftest import (
     loader_command,
     raw_request,
     socket_answers,
+    upload_form,
     wait_for,
 )
 from tests.dockerd import (
@@ -166,7 +167,14 @@ class Client:
     async def upload(
         self, name: str, data: bytes, folder: str = FOLDER, **kwargs: Any
     ) -> tuple[int, bytes]:
-        return await self.request("POST", f"/upload/{name}", data=form(data, folder), **kwargs)
+        body, content_type = upload_form(data, folder)
+        return await self.request(
+            "POST",
+            f"/upload/{name}",
+            data=io.BytesIO(body),
+            headers={"Content-Type": content_type},
+            **kwargs,
+        )
 
     async def load(self, name: str, folder: str = FOLDER, limit: float | None = None) -> Loaded:
         async def call() -> Loaded:
@@ -220,15 +228,6 @@ class Client:
 
         result: dict[str, Any] = await wait_for(feeding, 60, "the load to be under way")
         return result
-
-
-def form(data: bytes, folder: str = FOLDER) -> aiohttp.FormData:
-    body = aiohttp.FormData()
-    body.add_field("folder", folder)
-    body.add_field(
-        "data", io.BytesIO(data), filename="upload.bin", content_type="application/octet-stream"
-    )
-    return body
 
 
 # ---- what a row leaves behind ---------------------------------------------------------

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.conftest import RunningEmulator, raw_request
+from tests.conftest import RunningEmulator, raw_request, upload_form
 from tests.faults.conftest import FOLDER, Scene, StartApp, assert_clear_error, files_under
 
 # A file an absolute name would point at: it must never appear.
@@ -67,15 +67,6 @@ async def scene(start_app: StartApp) -> Scene:
     return scene
 
 
-def multipart(folder: str, boundary: str = "b0undary") -> tuple[bytes, str]:
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="folder"\r\n\r\n{folder}\r\n'
-        f'--{boundary}\r\nContent-Disposition: form-data; name="data"; filename="x"\r\n\r\n'
-        f"payload\r\n--{boundary}--\r\n"
-    ).encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 def assert_no_io(scene: Scene, emulator: RunningEmulator, before: dict[str, int]) -> None:
     assert emulator.emulator.stats()["requests"] == before
     assert files_under(scene.cache, scene.scratch) == []
@@ -92,7 +83,7 @@ async def test_name_in_the_path(
         body = json.dumps({"filename": "x.bin", "folder": FOLDER}).encode()
         status, answer = await raw_request(scene.socket, "POST", f"/load/{name}", body)
     else:
-        body, content_type = multipart(FOLDER)
+        body, content_type = upload_form(folder=FOLDER)
         status, answer = await raw_request(
             scene.socket, "POST", f"/upload/{name}", body, content_type=content_type
         )
@@ -113,7 +104,7 @@ async def test_name_in_the_body(
         body = json.dumps(fields).encode()
         status, answer = await raw_request(scene.socket, "POST", "/load/x.bin", body)
     else:
-        body, content_type = multipart(name)
+        body, content_type = upload_form(folder=name)
         status, answer = await raw_request(
             scene.socket, "POST", "/upload/x.bin", body, content_type=content_type
         )

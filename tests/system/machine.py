@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from tests.polling import poll
+
 # What a command inside gets instead of the caller's environment (a pyenv PATH, LISTEN_*).
 _BASE_ENV = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -164,11 +166,8 @@ class Machine:
 
     def wait_for(self, what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
         """Poll `condition` until it holds; fail after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise MachineError(f"timed out after {timeout} s waiting for {what}")
-            time.sleep(0.1)
+        if not poll(condition, timeout, interval=0.1):
+            raise MachineError(f"timed out after {timeout} s waiting for {what}")
 
     def log_tail(self, size: int = 3000) -> str:
         with contextlib.suppress(OSError):
