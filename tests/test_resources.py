@@ -29,6 +29,7 @@ from tests.conftest import (
     cached_big_part,
     raw_request,
     skip_or_fail,
+    upload_form,
 )
 from tests.emulator import FaultRule
 
@@ -42,22 +43,11 @@ async def login(app: LocalApp) -> None:
         assert resp.status == 200
 
 
-def form(
-    data: bytes, folder: str = FOLDER, field: str = "data", folder_first: bool = True
-) -> aiohttp.FormData:
-    body = aiohttp.FormData()
-    if folder_first:
-        body.add_field("folder", folder)
-    body.add_field(
-        field, io.BytesIO(data), filename="upload.bin", content_type="application/octet-stream"
-    )
-    if not folder_first:
-        body.add_field("folder", folder)
-    return body
-
-
 async def upload(app: LocalApp, name: str, data: bytes, **kwargs: Any) -> tuple[int, Any]:
-    async with app.session.post(app.url(f"/upload/{name}"), data=form(data, **kwargs)) as resp:
+    body, content_type = upload_form(data, **{"folder": FOLDER, **kwargs})
+    async with app.session.post(
+        app.url(f"/upload/{name}"), data=io.BytesIO(body), headers={"Content-Type": content_type}
+    ) as resp:
         return resp.status, await resp.json()
 
 
