@@ -6,6 +6,7 @@ See sd_listen_fds(3) and sd_notify(3).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -245,13 +246,11 @@ class Runs:
         except (OSError, UnicodeDecodeError) as exc:
             log.warning("ignoring %s, which cannot be read: %s", self.path, exc)
             return None
-        try:
+        with contextlib.suppress(ValueError, IndexError):
             if words[0] == "running" and len(words) == 3:
                 return ("running", float(words[1]), int(words[2]))
             if words[0] == "stopped" and len(words) == 2:
                 return ("stopped", 0.0, int(words[1]))
-        except (ValueError, IndexError):
-            pass
         log.warning("ignoring %s: not a record of the last run", self.path)
         return None
 

@@ -76,7 +76,8 @@ async def tiny_app(
     tiny_dockerd: PrivateDockerd,  # noqa: F811
     image_archive: ArchiveInfo,
 ) -> LocalApp:
-    """The app against a dockerd whose data root is a 64 MB tmpfs, and the test archive."""
+    """The app against a dockerd whose data root is a 64 MB tmpfs, and the test archive
+    (a PrivateDockerd: --bridge=none, no iptables, no forwarding)."""
     app: LocalApp = await make_local_app(
         with_settings(docker_host=tiny_dockerd.host, images_path=image_archive.path)
     )
