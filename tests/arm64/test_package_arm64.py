@@ -110,8 +110,6 @@ def test_login_upload_and_load_with_the_cli(arm64: Booted, emulator_url: str) ->
     machine.write(
         DEFAULTS, shipped + f"RESOURCE_API_URL={emulator_url}\nCDN_URL={emulator_url}/cdn\n"
     )
-    model = machine.root / "root/model.onnx"
-    model.write_bytes(os.urandom(3_000_017))
     try:
         machine.run("systemctl", "restart", SERVICE, timeout=SLOW)
         wrong = arm64.request("POST", "/login", {"email": EMAIL, "password": "wrong"})
@@ -121,15 +119,7 @@ def test_login_upload_and_load_with_the_cli(arm64: Booted, emulator_url: str) ->
         status = json.loads(str(arm64.request("GET", "/status")["body"]))
         assert status["authenticated"] is True
 
-        cli = ("azaion-loader",)
-        login = (*cli, "login", "--email", EMAIL, "--password-stdin")
-        machine.run(*login, input=PASSWORD + "\n", timeout=SLOW)
-        machine.run(*cli, "upload", "/root/model.onnx", "--folder", "models", timeout=SLOW)
-        machine.run("rm", "-f", "/var/cache/azaion-loader/models/models/model.onnx.big")
-        for _ in range(2):  # from the CDN, then from the cache
-            load = (*cli, "load", "models/model.onnx", "-o", "/root/copy.onnx")
-            machine.run(*load, timeout=SLOW)
-            assert (machine.root / "root/copy.onnx").read_bytes() == model.read_bytes()
+        arm64.upload_then_load(os.urandom(3_000_017), timeout=SLOW)
     finally:
         machine.write(DEFAULTS, shipped)
         machine.run("rm", "-f", "/root/model.onnx", "/root/copy.onnx")

@@ -56,6 +56,10 @@ except OSError as exc:
 """
 
 
+# Where upload_then_load's model is cached inside.
+CACHED_MODEL = "/var/cache/azaion-loader/models/models/model.onnx"
+
+
 @dataclass(frozen=True)
 class Packages:
     deb: Path
@@ -87,6 +91,22 @@ class Booted:
             args = ["runuser", "-u", user, "--", *args]
         answer: dict[str, object] = json.loads(self.machine.run(*args).stdout)
         return answer
+
+    def upload_then_load(self, model: bytes, timeout: float = 120.0) -> None:
+        """With the CLI inside, logged in: `model` uploaded as models/model.onnx, its cached
+        big part dropped, then loaded twice (from the CDN, then from the cache), each time
+        the same bytes."""
+        machine = self.machine
+        (machine.root / "root/model.onnx").write_bytes(model)
+        cli = ("azaion-loader",)
+        login = (*cli, "login", "--email", EMAIL, "--password-stdin")
+        machine.run(*login, input=PASSWORD + "\n", timeout=timeout)
+        machine.run(*cli, "upload", "/root/model.onnx", "--folder", "models", timeout=timeout)
+        machine.run("rm", "-f", f"{CACHED_MODEL}.big")
+        for _ in range(2):  # from the CDN, then from the cache
+            load = (*cli, "load", "models/model.onnx", "-o", "/root/copy.onnx")
+            machine.run(*load, timeout=timeout)
+            assert (machine.root / "root/copy.onnx").read_bytes() == model
 
     def metrics(self) -> dict[str, float]:
         """`azaion-loader metrics` inside, read by prometheus_client's parser: each sample's

@@ -382,17 +382,9 @@ def test_upload_and_load_with_the_cli_on_debians_libraries(
     machine.write(
         DEFAULTS, shipped + f"RESOURCE_API_URL={emulator_url}\nCDN_URL={emulator_url}/cdn\n"
     )
-    model = machine.root / "root/model.onnx"
-    model.write_bytes(os.urandom(3_000_017))
     try:
         restart(installed)
-        cli = ("azaion-loader",)
-        machine.run(*cli, "login", "--email", EMAIL, "--password-stdin", input=PASSWORD + "\n")
-        machine.run(*cli, "upload", "/root/model.onnx", "--folder", "models")
-        machine.run("rm", "-f", "/var/cache/azaion-loader/models/models/model.onnx.big")
-        for _ in range(2):  # from the CDN, then from the cache
-            machine.run(*cli, "load", "models/model.onnx", "-o", "/root/copy.onnx")
-            assert (machine.root / "root/copy.onnx").read_bytes() == model.read_bytes()
+        installed.upload_then_load(os.urandom(3_000_017))
         assert exists(installed, "/var/cache/azaion-loader/models/models/model.onnx.big")
         # /metrics, through Debian 12's python3-prometheus-client.
         metrics = installed.metrics()

@@ -229,15 +229,7 @@ def test_unlocks_both_layouts_into_its_own_docker_26(
 def test_upload_and_load_on_trixies_libraries(trixie: Booted) -> None:
     machine = trixie.machine
     _use_emulator(trixie)
-    model = machine.root / "root/model.onnx"
-    model.write_bytes(bytes(range(256)) * 9_000 + b"tail")
-    cli = ("azaion-loader",)
-    machine.run(*cli, "login", "--email", EMAIL, "--password-stdin", input=PASSWORD + "\n")
-    machine.run(*cli, "upload", "/root/model.onnx", "--folder", "models")
-    machine.run("rm", "-f", "/var/cache/azaion-loader/models/models/model.onnx.big")
-    for _ in range(2):  # from the CDN, then from the cache
-        machine.run(*cli, "load", "models/model.onnx", "-o", "/root/copy.onnx")
-        assert (machine.root / "root/copy.onnx").read_bytes() == model.read_bytes()
+    trixie.upload_then_load(bytes(range(256)) * 9_000 + b"tail")
     # /metrics, through Debian 13's python3-prometheus-client.
     metrics = trixie.metrics()
     assert metrics["azaion_loader_resource_loads_total{source=cdn}"] == 1, metrics
