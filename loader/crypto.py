@@ -30,12 +30,6 @@ def block_decryptor(key: bytes, previous_block: bytes) -> Any:
     return _cbc(key, previous_block).decryptor()
 
 
-def _pkcs7() -> Any:  # the Encryptor's padding
-    from cryptography.hazmat.primitives import padding
-
-    return padding.PKCS7(BLOCK * 8)
-
-
 def key_from_fragment(fragment: bytes) -> bytes:
     """The AES-256 key: SHA-256 of the fragment's bytes."""
     return hashlib.sha256(fragment).digest()
@@ -101,25 +95,49 @@ class Decryptor:
 
 
 class Encryptor:
-    """Encrypts a plaintext fed in pieces; the IV comes first in the output."""
+    """Encrypts a plaintext fed in pieces of any size; the IV comes first in the output.
+
+    Whole blocks go to the cipher straight from the caller's bytes; up to 15 bytes wait for
+    the next piece, and `finalize` pads them (PKCS7). No copy of the plaintext is made: this
+    runs at twice the speed of a padder in front of the cipher (bench/).
+    """
 
     def __init__(self, key: bytes, iv: bytes | None = None) -> None:
         iv = os.urandom(IV_SIZE) if iv is None else iv
         if len(iv) != IV_SIZE:
             raise ValueError("the IV must be 16 bytes")
         self._encryptor = _cbc(key, iv).encryptor()
-        self._padder = _pkcs7().padder()
         self._header = iv
+        self._carry = b""
 
-    def update(self, data: bytes) -> bytes:
-        out = self._header + self._encryptor.update(self._padder.update(data))
+    def pieces(self, data: bytes) -> list[bytes]:
+        """The ciphertext that `data` completes, in pieces to be written in order."""
+        out = [self._header] if self._header else []
         self._header = b""
+        view = memoryview(data)
+        if self._carry:
+            need = BLOCK - len(self._carry)
+            if len(view) < need:
+                self._carry += bytes(view)
+                return out
+            out.append(self._encryptor.update(self._carry + bytes(view[:need])))
+            self._carry = b""
+            view = view[need:]
+        whole = len(view) - len(view) % BLOCK
+        if whole:
+            out.append(self._encryptor.update(view[:whole]))
+        self._carry = bytes(view[whole:])
         return out
 
+    def update(self, data: bytes) -> bytes:
+        return b"".join(self.pieces(data))
+
     def finalize(self) -> bytes:
-        out = self._header + self._encryptor.update(self._padder.finalize())
-        self._header = b""
-        return out + self._encryptor.finalize()
+        pad = BLOCK - len(self._carry)
+        last = self._encryptor.update(self._carry + bytes([pad]) * pad)
+        out = self._header + last + self._encryptor.finalize()
+        self._header = self._carry = b""
+        return out
 
 
 def plaintext_size(key: bytes, blob_size: int, last_two_blocks: bytes) -> int:
