@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from bench.harness import BenchError
 
 BASE = "http://loader"
 READ_CHUNK = 1 << 20
+# What the client reads of the file at a time, as `azaion-loader upload` does.
+UPLOAD_READ = 1 << 20
 
 
 def session(socket: Path, limit: int = 8) -> aiohttp.ClientSession:
@@ -107,14 +110,21 @@ async def load(socket: Path, folder: str, name: str, *, digest: bool = False) ->
 
 
 async def upload(socket: Path, folder: str, name: str, path: Path) -> Transfer:
-    """POST /upload/NAME as multipart, the file streamed from disk by aiohttp."""
+    """POST /upload/NAME as multipart, the file read in 1 MiB pieces as the CLI sends it."""
     size = (await asyncio.to_thread(path.stat)).st_size
     file = await asyncio.to_thread(open, path, "rb")
+
+    async def pieces() -> AsyncIterator[bytes]:
+        while piece := await asyncio.to_thread(file.read, UPLOAD_READ):
+            yield piece
+
     try:
         async with session(socket) as http:
-            form = aiohttp.FormData()
-            form.add_field("folder", folder)
-            form.add_field("data", file, filename=name, content_type="application/octet-stream")
+            form = aiohttp.MultipartWriter("form-data")
+            form.append(folder).set_content_disposition("form-data", name="folder")
+            form.append(
+                pieces(), {"Content-Type": "application/octet-stream"}
+            ).set_content_disposition("form-data", name="data", filename=name)
             started = time.perf_counter()
             resp = await http.post(f"{BASE}/upload/{name}", data=form)
             await _ok(resp, "/upload")

@@ -11,7 +11,7 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +74,8 @@ class ResourceAPI:
         self._credentials: Credentials | None = None
         self._token: str | None = None
         self._login_lock = asyncio.Lock()
+        # Set once the CDN has refused a chunked PUT and taken the same bytes with a length.
+        self.chunked_refused = False
         self._api_timeout = aiohttp.ClientTimeout(
             total=settings.api_timeout, sock_connect=settings.connect_timeout
         )
@@ -157,21 +159,37 @@ class ResourceAPI:
             headers={"Content-Type": content_type},
         )
 
-    async def put_big_part(self, folder: str, name: str, path: Path, size: int) -> None:
-        """PUT the file at `path` (`size` bytes) to the CDN as `NAME.big`, streamed from disk."""
+    async def put_big_part(
+        self,
+        folder: str,
+        name: str,
+        body: Callable[[], AsyncIterator[bytes]],
+        size: int | None,
+    ) -> None:
+        """PUT `NAME.big` to the CDN, its bytes from `body()` (called anew for each attempt):
+        with a Content-Length of `size`, or chunked when `size` is None. A chunked PUT that the
+        CDN refuses as such (411 Length Required, or 501 for a transfer coding it does not
+        implement) raises ChunkedRefused: it may take the same bytes with a length."""
         url = f"{self._settings.cdn_url}/{folder}/{name}.big"
         what = f"the upload of the big part of {folder}/{name}"
+        headers = {"Content-Type": "application/octet-stream"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
         status, answer = await self._authorized(
             "PUT",
             url,
             what=what,
             idempotent=False,
             timeout=self._transfer_timeout,
-            data=lambda: _file_chunks(path),
-            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            data=body,
+            headers=headers,
         )
-        if status not in (200, 201, 204):
-            raise self._refusal(status, answer, "the CDN", what)
+        if status in (200, 201, 204):
+            return
+        refusal = self._refusal(status, answer, "the CDN", what)
+        if size is None and status in (411, 501):
+            raise ChunkedRefused(f"the CDN refused a chunked PUT: HTTP {status}") from refusal
+        raise refusal
 
     async def big_part_tail(self, folder: str, name: str) -> tuple[int, bytes]:
         """The big part's size and its last 32 bytes (fewer when it is shorter), by a Range GET."""
@@ -456,6 +474,10 @@ class _Attempts:
         await asyncio.sleep(delay)
 
 
+class ChunkedRefused(RemoteRefused):
+    """The CDN refused a big part sent chunked (without a Content-Length)."""
+
+
 class _CdnFailing(Exception):
     """A 5xx from the CDN: retried like a failure in transit, then `refusal` is raised."""
 
@@ -471,7 +493,7 @@ def _gave_up(exc: Exception, unreachable: str) -> LoaderError:
     return RemoteUnavailable(f"{unreachable}: {_describe(exc)}")
 
 
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+async def file_chunks(path: Path) -> AsyncIterator[bytes]:
     """A file in big pieces, each read by a worker thread."""
     source = await asyncio.to_thread(open, path, "rb")
     try:

@@ -1,11 +1,12 @@
 """Resources (AI models): the big/small split of resource-api.md, both ways, and the cache.
 
-Upload: encrypt with a fresh IV while reading the caller's body, spool the ciphertext
-(never the plaintext), send the big part to the CDN, then the small part and the integrity
-record to the API, and keep the big part in the cache. Load: small part and integrity
-record from the API, big part from the cache or the CDN, checked against the record before
-the caller has the last byte and before it is cached; decrypt `small || big` while
-streaming it to the caller.
+Upload (the workflow is `uploads.Upload`): encrypt with a fresh IV while reading the
+caller's body, spool the ciphertext (never the plaintext), send the big part to the CDN,
+then the small part and the integrity record to the API, and keep the big part in the cache.
+
+Load: small part and integrity record from the API, big part from the cache or the CDN,
+checked against the record before the caller has the last byte and before it is cached;
+decrypt `small || big` while streaming it to the caller.
 """
 
 from __future__ import annotations
@@ -20,12 +21,9 @@ from dataclasses import dataclass
 
 from loader.cache import CacheEntry, CacheWrite, EntryDigests, ModelCache, spool_elsewhere
 from loader.crypto import (
-    SMALL_PART_MAX,
     Decryptor,
-    Encryptor,
     key_from_fragment,
     plaintext_size,
-    small_part_size,
 )
 from loader.errors import (
     DecryptionFailed,
@@ -34,12 +32,12 @@ from loader.errors import (
     InvalidName,
     LoaderError,
     NotAuthenticated,
-    PayloadTooLarge,
 )
 from loader.integrity import RECORD_SUFFIX, IntegrityRecord
 from loader.metrics import Metrics
 from loader.remote import TAIL, ResourceAPI
 from loader.settings import Settings
+from loader.uploads import Upload
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +52,6 @@ def name_pattern(longest: int) -> str:
 _NAME = re.compile(name_pattern(NAME_MAX))
 # The record's name, NAME.integrity, must obey the same rule.
 MAX_RESOURCE_NAME = NAME_MAX - len(RECORD_SUFFIX)
-# Blobs at least this long are cut at exactly SMALL_PART_MAX (0.3 * 10240 = 3072).
-_FULL_CUT_FROM = SMALL_PART_MAX * 10 // 3
 # Reads and writes of big parts go to a worker thread in pieces of this size.
 BIG_PART_IO = 1024 * 1024
 # /load's pieces: two are in memory at once (one sent, one decrypted ahead), beside the
@@ -99,19 +95,6 @@ class Plaintext:
     chunks: AsyncGenerator[bytes, None]
     # Releases what `chunks` holds should it never be iterated.
     close: Callable[[], None] = lambda: None
-
-
-@dataclass
-class SpooledBlob:
-    """An encrypted upload, cut: the small part in memory, the big part in a file."""
-
-    small: bytes
-    big: CacheWrite
-    plaintext_size: int
-
-    @property
-    def record(self) -> IntegrityRecord:
-        return IntegrityRecord(self.big.blob_digest, len(self.small) + self.big.size)
 
 
 @dataclass(frozen=True)
@@ -175,64 +158,32 @@ class Resources:
 
     # Upload
 
-    async def encrypt_upload(self, chunks: AsyncIterator[bytes]) -> SpooledBlob:
-        """Encrypt the caller's plaintext as it arrives; the big part goes to a spool file."""
+    async def receive_upload(
+        self,
+        chunks: AsyncIterator[bytes],
+        *,
+        target: tuple[str, str] | None = None,
+        declared: int | None = None,
+    ) -> Upload:
+        """Encrypt the caller's plaintext into a spool as it arrives; with `target` (folder
+        and name) known, its big part goes to the CDN meanwhile. `declared` is the size the
+        caller announced for the file, if any. The caller must `discard` the result."""
         self.require_login()
         key = key_from_fragment(await self._api.fetch_resource_fragment())
         spool = await self._open_spool()
-        try:
-            return await self._encrypt_into(key, chunks, spool)
-        except BaseException:
-            await asyncio.to_thread(spool.abort)
-            raise
-
-    async def _encrypt_into(
-        self, key: bytes, chunks: AsyncIterator[bytes], spool: CacheWrite
-    ) -> SpooledBlob:
         limit = self._settings.max_upload_bytes
-        cutter = _Cutter(Encryptor(key), spool)
-        received = 0
-        batch: list[bytes] = []
-        batched = 0
-        # One batch at a time in a worker: it joins, encrypts and spools while the next arrives.
-        job: asyncio.Future[None] | None = None
+        upload = Upload(self._api, key, spool, limit, target=target, declared=declared)
         try:
-            async for chunk in chunks:
-                received += len(chunk)
-                if received > limit:
-                    raise PayloadTooLarge(
-                        f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)"
-                    )
-                batch.append(chunk)
-                batched += len(chunk)
-                if batched >= BIG_PART_IO:
-                    if job is not None:
-                        await job
-                    job = asyncio.ensure_future(asyncio.to_thread(cutter.feed, batch))
-                    batch, batched = [], 0
-            if job is not None:
-                await job
-            small = await asyncio.to_thread(cutter.finish, batch)
+            await upload.receive(chunks)
         except BaseException:
-            if job is not None:  # let the worker finish before the spool is thrown away
-                with contextlib.suppress(Exception):
-                    await job
+            await upload.discard()
             raise
-        return SpooledBlob(small, spool, received)
+        return upload
 
-    async def publish(self, folder: str, name: str, blob: SpooledBlob) -> None:
-        """Big part to the CDN, then the small part to the API (the small part makes it
-        loadable), then the integrity record (resource-api.md: after both parts, so that a
-        half-done upload leaves a record that fails loudly), then the big part into the cache."""
-        # The spool reaches the disk while the parts travel: the commit's fsync is then quick.
-        syncing = asyncio.ensure_future(asyncio.to_thread(blob.big.sync))
-        try:
-            await self._api.put_big_part(folder, name, blob.big.partial, blob.big.size)
-            await self._api.upload_small_part(folder, name, blob.small)
-            await self._api.upload_integrity_record(folder, name, blob.record.to_json())
-        finally:
-            with contextlib.suppress(Exception):
-                await syncing
+    async def publish(self, folder: str, name: str, upload: Upload) -> None:
+        """Make the received upload the resource `folder/name`, and keep its big part in the
+        cache."""
+        blob = await upload.publish(folder, name)
         log.info("uploaded %s/%s (%d bytes)", folder, name, blob.plaintext_size)
         self._metrics.resource_uploaded(blob.plaintext_size)
         if blob.big.partial.parent == self._cache.root:
@@ -432,44 +383,6 @@ class Resources:
                 self._cache.root,
                 exc.strerror,
             )
-
-
-class _Cutter:
-    """Encrypts batches and cuts the blob: the first SMALL_PART_MAX bytes stay in memory
-    until the blob is long enough for the cut to be certain; the rest goes to the spool.
-    Used by one worker at a time."""
-
-    def __init__(self, encryptor: Encryptor, spool: CacheWrite) -> None:
-        self._encryptor = encryptor
-        self._spool = spool
-        self._head = bytearray()
-        self._cut_known = False
-
-    def feed(self, plaintext: list[bytes]) -> None:
-        self._take(self._encryptor.update(b"".join(plaintext)))
-
-    def finish(self, plaintext: list[bytes]) -> bytes:
-        """The last plaintext; returns the small part, with the big part spooled."""
-        self._take(self._encryptor.update(b"".join(plaintext)) + self._encryptor.finalize())
-        if not self._cut_known:
-            blob = bytes(self._head)
-            cut = small_part_size(len(blob))
-            self._spool.join(blob[:cut])
-            self._spool.write(blob[cut:])
-            self._head = bytearray(blob[:cut])
-        self._spool.flush()
-        return bytes(self._head)
-
-    def _take(self, ciphertext: bytes) -> None:
-        if self._cut_known:
-            self._spool.write(ciphertext)
-            return
-        self._head += ciphertext
-        if len(self._head) >= _FULL_CUT_FROM:
-            self._cut_known = True
-            self._spool.join(bytes(self._head[:SMALL_PART_MAX]))
-            self._spool.write(bytes(self._head[SMALL_PART_MAX:]))
-            del self._head[SMALL_PART_MAX:]
 
 
 def _cached_plaintext_size(key: bytes, small: bytes, entry: CacheEntry) -> int:

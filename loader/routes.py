@@ -96,8 +96,8 @@ async def upload(request: web.Request) -> web.Response:
     resources = request.app[RESOURCES]
     resources.require_login()
     limit = request.app[SETTINGS].max_upload_bytes
-    async with upload_form(request, resources, limit) as (folder, blob):
-        await resources.publish(folder, name, blob)
+    async with upload_form(request, resources, name, limit) as (folder, upload):
+        await resources.publish(folder, name, upload)
     return web.json_response({"status": "ok"})
 
 

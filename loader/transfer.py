@@ -3,7 +3,6 @@ transport tuned for it, /upload's multipart form read into the encrypting spool.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import socket
@@ -14,7 +13,8 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from loader.errors import LoaderError, PayloadTooLarge, ValidationFailed
-from loader.resources import Plaintext, Resources, SpooledBlob, check_name
+from loader.resources import Plaintext, Resources, check_name
+from loader.uploads import Upload
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +73,17 @@ async def send_plaintext(
 
 @contextlib.asynccontextmanager
 async def upload_form(
-    request: web.Request, resources: Resources, limit: int
-) -> AsyncIterator[tuple[str, SpooledBlob]]:
-    """The form's folder and its file, encrypted into a spool as it arrives; the spool is
-    removed when the block ends, published or not."""
+    request: web.Request, resources: Resources, name: str, limit: int
+) -> AsyncIterator[tuple[str, Upload]]:
+    """The form's folder and its file, encrypted into a spool as it arrives (its big part on
+    its way to the CDN meanwhile when the folder came first); the upload is discarded when the
+    block ends, published or not."""
     if request.content_length is not None and request.content_length > limit + _FORM_OVERHEAD:
         raise PayloadTooLarge(f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)")
     if not request.content_type.startswith("multipart/"):
         raise ValidationFailed("body: expected multipart/form-data with fields 'data' and 'folder'")
     folder: str | None = None
-    blob: SpooledBlob | None = None
+    upload: Upload | None = None
     try:
         reader = await request.multipart()
         while (part := await _next_part(reader)) is not None:
@@ -90,18 +91,35 @@ async def upload_form(
                 raise ValidationFailed("body: nested multipart is not accepted")
             if part.name == "folder":
                 folder = check_name("folder", await _form_text(part))
-            elif part.name in ("data", "file") and blob is None:
-                blob = await resources.encrypt_upload(_part_chunks(part))
+            elif part.name in ("data", "file") and upload is None:
+                upload = await resources.receive_upload(
+                    _part_chunks(part),
+                    target=None if folder is None else (folder, name),
+                    declared=_declared_length(part, limit),
+                )
             else:
                 await part.release()
-        if blob is None:
+        if upload is None:
             raise ValidationFailed("body.data: field required (the file, as 'data' or 'file')")
         if folder is None:
             raise ValidationFailed("body.folder: field required")
-        yield folder, blob
+        yield folder, upload
     finally:
-        if blob is not None:
-            await asyncio.to_thread(blob.big.abort)
+        if upload is not None:
+            await upload.discard()
+
+
+def _declared_length(part: BodyPartReader, limit: int) -> int | None:
+    """The file's size, when its part says it (RFC 7578 leaves Content-Length out of form
+    parts, and aiohttp ignores it; a client may still send it, and it is then held to it)."""
+    value = part.headers.get("Content-Length")
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise ValidationFailed("body.data: the file part's Content-Length is not a number")
+    if int(value) > limit:
+        raise PayloadTooLarge(f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)")
+    return int(value)
 
 
 async def _next_part(reader: MultipartReader) -> Any:

@@ -71,13 +71,15 @@ class PartStore:
         loop = asyncio.get_running_loop()
         file, incoming = await loop.run_in_executor(None, self._open_incoming)
         try:
-            batch = bytearray()
+            batch: list[bytes] = []
+            batched = 0
             async for chunk in body:
-                batch += chunk
-                if len(batch) >= _WRITE_BATCH:
-                    await loop.run_in_executor(None, file.write, bytes(batch))
-                    batch.clear()
-            await loop.run_in_executor(None, file.write, bytes(batch))
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _WRITE_BATCH:
+                    await loop.run_in_executor(None, file.writelines, batch)
+                    batch, batched = [], 0
+            await loop.run_in_executor(None, file.writelines, batch)
             return await loop.run_in_executor(None, _commit, file, incoming, path)
         finally:
             # Quick, and must also run when the task is cancelled: done in place.

@@ -178,7 +178,7 @@ async def test_sigkill_then_restart(
         gate = asyncio.Event()
         upload = asyncio.create_task(
             client.session.post(
-                "http://loader/upload/new.bin", data=upload_body(gated(3 * MiB, gate))
+                "http://loader/upload/new.bin", data=upload_body(gated(6 * MiB, gate))
             )
         )
         await partial_of_at_least(cache, MiB)
