@@ -495,7 +495,8 @@ def _gave_up(exc: Exception, unreachable: str) -> LoaderError:
 
 async def file_chunks(path: Path) -> AsyncIterator[bytes]:
     """A file in big pieces, each read by a worker thread."""
-    source = await asyncio.to_thread(open, path, "rb")
+    # Opened here, not in a worker: a cancel while a worker opens it would leak the file.
+    source = open(path, "rb")  # noqa: SIM115, ASYNC230 - closed below
     try:
         while chunk := await asyncio.to_thread(source.read, FILE_READ):
             yield chunk

@@ -249,7 +249,8 @@ class Upload:
     async def _follow(self) -> AsyncIterator[bytes]:
         """The spool from its start, as far as it is written; the last bytes once the upload
         is whole and valid. Made anew for each attempt (a 401 sends it again from the start)."""
-        source = await asyncio.to_thread(open, self._spool.partial, "rb")
+        # Opened here, not in a worker: a cancel while a worker opens it would leak the file.
+        source = open(self._spool.partial, "rb")  # noqa: SIM115, ASYNC230 - closed below
         try:
             sent = 0
             while True:

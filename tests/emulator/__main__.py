@@ -99,6 +99,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help='a FaultRule as JSON, repeatable: {"path_prefix": "/cdn/", "kind": "drop"}',
     )
+    parser.add_argument(
+        "--refuse-early",
+        action="store_true",
+        help="answer a refused request before reading its body, as nginx does",
+    )
+    parser.add_argument(
+        "--cdn-requires-length",
+        action="store_true",
+        help="refuse a big part sent chunked (without Content-Length) with 411",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return parser
 
@@ -119,6 +129,8 @@ def _config(args: argparse.Namespace, storage_dir: Path) -> EmulatorConfig:
         rates=rates,
         rules=tuple(args.fault),
         seed=args.seed,
+        refuse_early=args.refuse_early,
+        cdn_requires_length=args.cdn_requires_length,
     )
 
 

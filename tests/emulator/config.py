@@ -37,6 +37,11 @@ class EmulatorConfig:
     # Seconds added to the time in each answer's Date header: a remote whose clock is off
     # (or, as the caller sees it, a device whose clock is).
     clock_offset: float = 0.0
+    # Answer a refused request (401, 411, ...) at once, before reading its body, as nginx and
+    # most CDNs do; by default the body is read first, so that every client sees the answer.
+    refuse_early: bool = False
+    # Refuse a big part sent without a Content-Length (chunked) with 411, as S3-like stores do.
+    cdn_requires_length: bool = False
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.token_ttl) or self.token_ttl < 0:

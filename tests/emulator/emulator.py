@@ -49,6 +49,7 @@ class Emulator:
         self._requests: Counter[str] = Counter()
         self._bytes_served: Counter[str] = Counter()
         self._downloads: Counter[str] = Counter()
+        self._received: Counter[str] = Counter()
         self._logins = 0
         self._failed_logins = 0
         # Every token ever issued, for tests that look for them where they must not be.
@@ -118,6 +119,13 @@ class Emulator:
         if complete:
             self._downloads[path] += 1
 
+    def record_upload(self, path: str, received: int) -> None:
+        self._received[path] += received
+
+    def received(self, path: str) -> int:
+        """Bytes of big parts PUT at `path`, all attempts together, complete or not."""
+        return self._received[path]
+
     def requests(self, method: str, path: str) -> int:
         return self._requests[f"{method} {path}"]
 
@@ -137,5 +145,6 @@ class Emulator:
         self._requests.clear()
         self._bytes_served.clear()
         self._downloads.clear()
+        self._received.clear()
         self._logins = 0
         self._failed_logins = 0

@@ -11,7 +11,7 @@ import dataclasses
 import email.utils
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import BodyPartReader, hdrs, web
@@ -145,6 +145,11 @@ class _Routes:
             response = BytesResponse.json(
                 {"detail": exc.detail}, status=exc.status, headers=exc.headers
             )
+            if self._emulator.config.refuse_early:
+                # aiohttp reads and drops the rest of the body after the answer (its
+                # lingering close), then closes the connection.
+                response.force_close()
+                return response
         except web.HTTPException as exc:  # the router's own 404 and 405
             allow = {"Allow": exc.headers[hdrs.ALLOW]} if hdrs.ALLOW in exc.headers else None
             response = BytesResponse.json({"detail": exc.reason}, status=exc.status, headers=allow)
@@ -200,8 +205,17 @@ class _Routes:
 
     async def upload_big(self, request: web.Request) -> web.StreamResponse:
         self._require_token(request)
+        if self._emulator.config.cdn_requires_length and request.content_length is None:
+            raise Refused(411, "a big part must come with its Content-Length")
         folder, name = _cdn_target(request.match_info["path"])
-        replaced = await self._emulator.store.put_big(folder, name, request.content.iter_any())
+        path = request.path
+
+        async def counted() -> AsyncIterator[bytes]:
+            async for chunk in request.content.iter_any():
+                self._emulator.record_upload(path, len(chunk))
+                yield chunk
+
+        replaced = await self._emulator.store.put_big(folder, name, counted())
         if replaced:
             return web.Response(status=204)
         return BytesResponse.json({"status": "ok"}, status=201)
