@@ -74,12 +74,17 @@ class RunningEmulator:
 
 
 @pytest.fixture
-async def emulator(aiohttp_server: Callable[..., Any], tmp_path: Path) -> RunningEmulator:
+async def emulator(
+    aiohttp_server: Callable[..., Any], tmp_path: Path, request: pytest.FixtureRequest
+) -> RunningEmulator:
+    """The emulator over HTTP; a test may set more of its EmulatorConfig through indirect
+    parametrization (`@pytest.mark.parametrize("emulator", [{...}], indirect=True)`)."""
     config = EmulatorConfig(
         users={EMAIL: PASSWORD},
         archive_fragment=ARCHIVE_FRAGMENT,
         resource_fragment=RESOURCE_FRAGMENT,
         storage_dir=tmp_path / "emulator",
+        **getattr(request, "param", {}),
     )
     emu = Emulator(config)
     server = await aiohttp_server(make_emulator_app(emu))

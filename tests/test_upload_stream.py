@@ -17,38 +17,17 @@ import pytest
 
 from loader.settings import Settings
 from tests.conftest import (
-    ARCHIVE_FRAGMENT,
     EMAIL,
     FORM_BOUNDARY,
     PASSWORD,
-    RESOURCE_FRAGMENT,
     LocalApp,
     RunningEmulator,
     wait_for,
 )
-from tests.emulator import Emulator, EmulatorConfig
-from tests.emulator import make_app as make_emulator_app
 
 FOLDER = "models"
 MiB = 1024 * 1024
 SIZE = 8 * MiB
-
-
-@pytest.fixture
-async def emulator(
-    aiohttp_server: Callable[..., Any], tmp_path: Path, request: pytest.FixtureRequest
-) -> RunningEmulator:
-    """The emulator, with the options a test names through indirect parametrization."""
-    config = EmulatorConfig(
-        users={EMAIL: PASSWORD},
-        archive_fragment=ARCHIVE_FRAGMENT,
-        resource_fragment=RESOURCE_FRAGMENT,
-        storage_dir=tmp_path / "emulator",
-        **getattr(request, "param", {}),
-    )
-    emu = Emulator(config)
-    server = await aiohttp_server(make_emulator_app(emu))
-    return RunningEmulator(emu, f"http://127.0.0.1:{server.port}")
 
 
 @pytest.fixture
