@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -32,6 +33,7 @@ from tests.conftest import (
     upload_form,
 )
 from tests.emulator import FaultRule
+from tests.polling import poll_async
 
 FOLDER = "models"
 
@@ -336,6 +338,33 @@ async def test_stale_cache_entry_is_fetched_again(
     assert (status, body) == (200, new)
     assert "fetching it again" in caplog.text
     assert emulator.emulator.downloads("/cdn/models/model.bin.big") == 1
+
+
+def held_deleted(root: Path) -> list[str]:
+    """Files under `root` that this process still holds open after they were replaced."""
+    held = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(str(root)) and target.endswith(" (deleted)"):
+                held.append(target)
+    return held
+
+
+async def test_a_replaced_cache_entry_is_freed_after_the_answer(
+    logged_in: LocalApp, settings: Settings
+) -> None:
+    """The entry an upload replaces is held open across the rename and closed by a thread of
+    its own: it must be closed all the same, and its space given back."""
+    first, second = os.urandom(2_000_000), os.urandom(2_000_000)
+    assert (await upload(logged_in, "model.bin", first))[0] == 200
+    entry = settings.model_cache_dir / FOLDER / "model.bin.big"
+    replaced = entry.stat().st_ino
+    assert (await upload(logged_in, "model.bin", second))[0] == 200
+    assert entry.stat().st_ino != replaced
+    held = await poll_async(lambda: not held_deleted(settings.model_cache_dir), 10)
+    assert held, held_deleted(settings.model_cache_dir)
+    assert (await load(logged_in, "model.bin"))[:2] == (200, second)
 
 
 async def test_many_different_loads_side_by_side(logged_in: LocalApp) -> None:
