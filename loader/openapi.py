@@ -6,8 +6,8 @@ from typing import Any
 
 from loader import __version__
 from loader.integrity import RECORD_SUFFIX
+from loader.progress import UnlockState
 from loader.resources import MAX_RESOURCE_NAME, NAME_MAX, name_pattern
-from loader.unlock import UnlockState
 
 _NAME = {"type": "string", "pattern": f"^{name_pattern(NAME_MAX)}$"}
 # Room for the record's name, NAME.integrity, which no resource may take.

@@ -12,14 +12,13 @@ the chunks handed to the Docker SDK, which streams them to the engine.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,18 @@ from loader.errors import (
 from loader.images import Docker, EngineImage, gigabytes, space_shortfall, stack_tags
 from loader.log import Redactor
 from loader.metrics import Metrics
+from loader.progress import (
+    Flight,
+    Progress,
+    UnlockState,
+    grow,
+    handed_over,
+    land,
+    percent_done,
+    registered,
+    status_line,
+    take_off,
+)
 from loader.remote import ResourceAPI
 from loader.settings import Settings
 
@@ -52,13 +63,6 @@ log = logging.getLogger(__name__)
 # The archive is read and decrypted in pieces of this size: measured here (bench/ row 4b),
 # 256 KiB reads decrypt fastest.
 ARCHIVE_READ = 256 * 1024
-# Of an image's time in the engine, the share spent receiving its tar; the rest goes to
-# registering its layers, during which the engine says nothing (measured here on Docker 20.10
-# and Podman 4.3: a quarter to 30% receiving). `percent` weighs the two phases so.
-SEND_SHARE = 0.25
-# While the engine registers an image, `percent` moves on at the rate the engine has shown
-# so far, up to this share of that image's part: it never claims what has not been seen.
-ESTIMATE_CAP = 0.95
 # Images loaded at once (bench/ rows 1c, 1d): the engine registers one image's layers while
 # the next arrives. Docker 20.10 loads the images after the first 15% faster two at a time
 # (three: 18%), Podman 36% (three: no better). A second image joins only while the bytes in
@@ -70,74 +74,10 @@ PODMAN_WHOLE_COPIES = 2
 PODMAN_THIN_COPIES = 3
 
 
-class UnlockState(str, enum.Enum):
-    IDLE = "idle"
-    AUTHENTICATING = "authenticating"
-    DOWNLOADING_KEY = "downloading_key"
-    DECRYPTING = "decrypting"
-    LOADING_IMAGES = "loading_images"
-    READY = "ready"
-    ERROR = "error"
-
-
 class Cancelled(LoaderError):
     """The daemon is stopping: the load is abandoned and undone."""
 
     code = "unlock-cancelled"
-
-
-@dataclass
-class _Flight:
-    """An image on its way into the engine: `sent` of its `size` bytes handed over (the
-    loading thread alone writes it); `registered` bytes of them registered by the engine;
-    the current load, of `load_size` bytes, registering since `registering_since`."""
-
-    tag: str
-    size: int
-    sent: int = 0
-    registered: int = 0
-    load_size: int = 0
-    registering_since: float | None = None
-
-
-@dataclass
-class _Progress:
-    """Written by the loading threads, read by the event loop, under `lock`.
-
-    Of `bytes_total`, `sent` bytes were handed to the engine by images no longer in flight,
-    and `loaded` bytes registered by it, which is where most of an unlock's time goes. The
-    engine has registered `rate` bytes a second so far (each image over its own time), or
-    is assumed to take SEND_SHARE's complement of the time it took to receive.
-    """
-
-    state: UnlockState = UnlockState.IDLE
-    error: str | None = None
-    bytes_total: int = 0
-    sent: int = 0
-    loaded: int = 0
-    flights: dict[str, _Flight] = field(default_factory=dict)
-    rate: float = 0.0
-    registered_bytes: int = 0
-    registered_seconds: float = 0.0
-    images: list[str] = field(default_factory=list)
-    images_total: int = 0
-    # The engine refused a thin tar and took the same image whole: the rest go whole.
-    whole_only: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    @property
-    def bytes_done(self) -> int:
-        """Bytes handed to the engine in this unlock (the tars' own headers not counted)."""
-        with self.lock:
-            return self.sent + sum(flight.sent for flight in self.flights.values())
-
-    @property
-    def image(self) -> str | None:
-        """The image being loaded (the first started, when two are)."""
-        if self.state is not UnlockState.LOADING_IMAGES:
-            return None
-        with self.lock:
-            return next(iter(self.flights), None)
 
 
 @dataclass(frozen=True)
@@ -175,7 +115,7 @@ class Unlocker:
         self._api = api
         self._docker = docker
         self._status = status
-        self._progress = _Progress()
+        self._progress = Progress()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._cancel = threading.Event()
@@ -205,7 +145,7 @@ class Unlocker:
             "error": p.error,
             "bytesDone": p.bytes_done,
             "bytesTotal": p.bytes_total,
-            "percent": _percent(p),
+            "percent": percent_done(p),
             "images": list(p.images),
             "imagesDone": len(p.images),
             "imagesTotal": p.images_total,
@@ -242,7 +182,7 @@ class Unlocker:
                 f"{len(tags)} images: {', '.join(missing)}"
             )
         self._cancel.clear()
-        self._progress = _Progress(state=UnlockState.AUTHENTICATING)
+        self._progress = Progress(state=UnlockState.AUTHENTICATING)
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(email, password))
         return self._progress.state
@@ -279,7 +219,7 @@ class Unlocker:
         finally:
             self._metrics.unlock_ran(outcome, time.monotonic() - started, progress.bytes_done)
 
-    async def _workflow(self, progress: _Progress, email: str, password: str) -> None:
+    async def _workflow(self, progress: Progress, email: str, password: str) -> None:
         settings = self._settings
         log.info("unlock: logging in")
         await self._api.login(email, password)
@@ -316,7 +256,7 @@ class Unlocker:
         self._finish_ready(tags)
 
     async def _load_all(
-        self, archive: EncryptedArchive, sends: list[_Send], progress: _Progress
+        self, archive: EncryptedArchive, sends: list[_Send], progress: Progress
     ) -> None:
         """Load the images, up to CONCURRENCY at a time while the bytes in flight stay within
         the largest image's, each after those that bring layers it leaves out. After a
@@ -389,7 +329,7 @@ class Unlocker:
             layers.append(tuple(layer.digest for layer in image.layers))
         return sends
 
-    def _load_image(self, archive: EncryptedArchive, send: _Send, progress: _Progress) -> None:
+    def _load_image(self, archive: EncryptedArchive, send: _Send, progress: Progress) -> None:
         """In a worker thread: one image into the engine, then its ID and its completeness
         checked. An engine that took a thin tar but left the image incomplete (Docker's
         containerd store, when it holds the shared layers under other digests) gets it whole."""
@@ -399,14 +339,14 @@ class Unlocker:
         def report() -> None:
             loop.call_soon_threadsafe(self._report, progress)
 
-        flight = _take_off(progress, send.tag, send.size)
+        flight = take_off(progress, send.tag, send.size)
         report()
         try:
             self._load_checked(archive, send, flight, progress, report)
         except BaseException:
-            _land(progress, flight, loaded=False)
+            land(progress, flight, loaded=False)
             raise
-        _land(progress, flight, loaded=True)
+        land(progress, flight, loaded=True)
         log.info(
             "unlock: %s loaded (%d of %d)", send.tag, len(progress.images), progress.images_total
         )
@@ -416,8 +356,8 @@ class Unlocker:
         self,
         archive: EncryptedArchive,
         send: _Send,
-        flight: _Flight,
-        progress: _Progress,
+        flight: Flight,
+        progress: Progress,
         report: Callable[[], None],
     ) -> None:
         """Send the image, check that the engine holds it whole with the archive's ID. A
@@ -425,7 +365,7 @@ class Unlocker:
         that takes no thin tar gets whole ones); anything else under the tag goes."""
         if send.present and progress.whole_only:
             whole = _Send(send.tag, send.image, frozenset())
-            _grow(progress, flight, whole.size - send.size)
+            grow(progress, flight, whole.size - send.size)
             send = whole
         try:
             self._send(archive, send, flight, progress, report)
@@ -440,7 +380,7 @@ class Unlocker:
                 exc.message,
             )
             send = _Send(send.tag, send.image, frozenset())
-            _grow(progress, flight, send.size)
+            grow(progress, flight, send.size)
             try:
                 self._send(archive, send, flight, progress, report)
             except DockerFailed:
@@ -462,7 +402,7 @@ class Unlocker:
                 send.tag,
             )
             whole = _Send(send.tag, send.image, frozenset())
-            _grow(progress, flight, whole.size)  # the work grew by a second load
+            grow(progress, flight, whole.size)  # the work grew by a second load
             self._send(archive, whole, flight, progress, report)
             send = whole
             engine = self._docker.inspect([send.tag]).get(send.tag)
@@ -491,8 +431,8 @@ class Unlocker:
         self,
         archive: EncryptedArchive,
         send: _Send,
-        flight: _Flight,
-        progress: _Progress,
+        flight: Flight,
+        progress: Progress,
         report: Callable[[], None],
     ) -> None:
         """Stream one image's tar into the engine; the flight's `sent` grows by `send.size`."""
@@ -501,7 +441,7 @@ class Unlocker:
         source = _ImageStream(archive, send, flight, progress, self._cancel, report, podman)
         try:
             self._docker.load(iter(source))
-            _registered(progress, flight)
+            registered(progress, flight)
         except BaseException as exc:
             flight.registering_since = None
             # The SDK wraps what our generator raised (an OSError becomes a ConnectionError):
@@ -543,20 +483,20 @@ class Unlocker:
         log.info("unlock: %s", message)
         self._status(message)
 
-    def _fail(self, progress: _Progress, message: str) -> None:
+    def _fail(self, progress: Progress, message: str) -> None:
         # /unlock/status is read by every member of the socket's group: redacted like the log.
         message = self._redact(message)
         progress.state, progress.error = UnlockState.ERROR, message
         log.error("unlock failed: %s", message)
         self._status(f"Unlock failed: {message}")
 
-    def _report(self, progress: _Progress) -> None:
+    def _report(self, progress: Progress) -> None:
         """The status line, e.g. "Unlocking: loading images 42% (1.3 of 3.1 GB)"."""
         if progress is self._progress and progress.state not in (
             UnlockState.READY,
             UnlockState.ERROR,
         ):
-            self._status(_status_line(progress))
+            self._status(status_line(progress))
 
 
 class _ImageStream:
@@ -569,8 +509,8 @@ class _ImageStream:
         self,
         archive: EncryptedArchive,
         send: _Send,
-        flight: _Flight,
-        progress: _Progress,
+        flight: Flight,
+        progress: Progress,
         cancel: threading.Event,
         on_percent: Callable[[], None],
         podman: bool,
@@ -586,7 +526,7 @@ class _ImageStream:
 
     def __iter__(self) -> Iterator[bytes]:
         progress, flight = self._progress, self._flight
-        percent = _percent(progress)
+        percent = percent_done(progress)
         # The tar's own headers are not counted: bytesDone stays within bytesTotal.
         limit = flight.sent + self._send.size
         started = time.monotonic()
@@ -598,11 +538,11 @@ class _ImageStream:
                 if self._cancel.is_set():
                     raise Cancelled("stopped: the daemon shut down during the unlock")
                 flight.sent = min(flight.sent + len(chunk), limit)
-                if _percent(progress) >= percent + 1:
-                    percent = _percent(progress)
+                if percent_done(progress) >= percent + 1:
+                    percent = percent_done(progress)
                     self._on_percent()
                 yield chunk
-            _handed_over(progress, flight, self._send.size, time.monotonic() - started)
+            handed_over(progress, flight, self._send.size, time.monotonic() - started)
         except DecryptionFailed as exc:
             self.error = exc
             raise
@@ -638,80 +578,6 @@ def _undecryptable() -> DecryptionFailed:
         "the archive could not be decrypted: wrong key fragment, or the archive is damaged, "
         "truncated or not a docker save tar"
     )
-
-
-def _status_line(p: _Progress) -> str:
-    if p.state is UnlockState.LOADING_IMAGES and p.bytes_total:
-        return (
-            f"Unlocking: loading image {min(len(p.images) + 1, p.images_total)} of "
-            f"{p.images_total}, {_percent(p):.0f}% ({p.bytes_done / 1e9:.1f} of "
-            f"{gigabytes(p.bytes_total)})"
-        )
-    return f"Unlocking: {p.state.value.replace('_', ' ')}"
-
-
-def _take_off(p: _Progress, tag: str, size: int) -> _Flight:
-    flight = _Flight(tag, size)
-    with p.lock:
-        p.flights[tag] = flight
-    return flight
-
-
-def _grow(p: _Progress, flight: _Flight, size: int) -> None:
-    """The image is sent once more, `size` bytes (whole, after an incomplete thin load)."""
-    with p.lock:
-        flight.size += size
-        p.bytes_total += size
-
-
-def _handed_over(p: _Progress, flight: _Flight, size: int, seconds: float) -> None:
-    """The engine has the whole of a load of `size` bytes, received in `seconds`."""
-    with p.lock:
-        if not p.rate:
-            # Nothing registered yet: assume registering takes what SEND_SHARE says.
-            p.rate = size / max(seconds, 1e-3) * SEND_SHARE / (1 - SEND_SHARE)
-        flight.load_size = size
-        flight.registering_since = time.monotonic()
-
-
-def _registered(p: _Progress, flight: _Flight) -> None:
-    """The engine answered the load: registered; learn the engine's rate."""
-    with p.lock:
-        if flight.registering_since is not None:
-            p.registered_bytes += flight.load_size
-            p.registered_seconds += max(time.monotonic() - flight.registering_since, 1e-3)
-            p.rate = p.registered_bytes / p.registered_seconds
-            flight.registered += flight.load_size
-        flight.registering_since = None
-
-
-def _land(p: _Progress, flight: _Flight, *, loaded: bool) -> None:
-    """The image is out of flight: loaded and checked, or failed."""
-    with p.lock:
-        p.flights.pop(flight.tag, None)
-        p.sent += flight.sent
-        if loaded:
-            p.loaded += flight.size
-            p.images.append(flight.tag)
-
-
-def _percent(p: _Progress) -> float:
-    """The share of the engine's work done. An image's bytes weigh SEND_SHARE while handed
-    over and the rest once registered; while the engine registers one (silently), its part
-    moves on at the rate seen so far, never past ESTIMATE_CAP of it."""
-    if not p.bytes_total:
-        return 100.0 if p.state is UnlockState.READY else 0.0
-    now = time.monotonic()
-    with p.lock:
-        sent, registered, estimated = p.sent, p.loaded, 0.0
-        for flight in p.flights.values():
-            sent += flight.sent
-            registered += flight.registered
-            since, size = flight.registering_since, flight.load_size
-            if since is not None and size and p.rate:
-                estimated += size * min(ESTIMATE_CAP, (now - since) * p.rate / size)
-    done = SEND_SHARE * sent + (1 - SEND_SHARE) * (registered + estimated)
-    return min(100.0, round(100 * done / p.bytes_total, 1))
 
 
 def _podman_spool(sends: list[_Send]) -> int:

@@ -13,18 +13,18 @@ from typing import Any
 import pytest
 
 from loader.crypto import key_from_fragment
-from loader.settings import Settings
-from loader.unlock import (
+from loader.progress import (
     ESTIMATE_CAP,
     SEND_SHARE,
+    Progress,
     UnlockState,
-    _handed_over,
-    _land,
-    _percent,
-    _Progress,
-    _registered,
-    _take_off,
+    handed_over,
+    land,
+    percent_done,
+    registered,
+    take_off,
 )
+from loader.settings import Settings
 from tests.blobs import encrypt
 from tests.conftest import (
     ARCHIVE_FRAGMENT,
@@ -467,27 +467,27 @@ def test_percent_moves_on_while_the_engine_registers_but_never_claims_it_done() 
     """The engine says nothing while it registers an image: `percent` moves on at the rate
     it has shown, up to ESTIMATE_CAP of that image's part, and the rest only when it answers."""
     total = 1000
-    progress = _Progress(state=UnlockState.LOADING_IMAGES, bytes_total=total)
-    first = _take_off(progress, "a", 400)
+    progress = Progress(state=UnlockState.LOADING_IMAGES, bytes_total=total)
+    first = take_off(progress, "a", 400)
     first.sent = 400
-    assert _percent(progress) == 100 * SEND_SHARE * 400 / total
-    _handed_over(progress, first, 400, seconds=1.0)
-    assert _percent(progress) < 100 * (SEND_SHARE * 400 + (1 - SEND_SHARE) * 400 * 0.05) / total
+    assert percent_done(progress) == 100 * SEND_SHARE * 400 / total
+    handed_over(progress, first, 400, seconds=1.0)
+    assert percent_done(progress) < 100 * (SEND_SHARE * 400 + (1 - SEND_SHARE) * 400 * 0.05) / total
     assert first.registering_since is not None
     first.registering_since -= 3600  # an hour ago: far longer than the rate predicts
     expected = SEND_SHARE * 400 + (1 - SEND_SHARE) * 400 * ESTIMATE_CAP
-    assert _percent(progress) == round(100 * expected / total, 1)
-    _registered(progress, first)
-    assert _percent(progress) == 100 * 400 / total
+    assert percent_done(progress) == round(100 * expected / total, 1)
+    registered(progress, first)
+    assert percent_done(progress) == 100 * 400 / total
     # What it learnt: the next image is estimated at the rate this one was registered.
     assert progress.rate == pytest.approx(400 / 3600, rel=0.01)
     # Two images in flight count each its own part.
-    second = _take_off(progress, "b", 600)
+    second = take_off(progress, "b", 600)
     second.sent = 300
     assert progress.image == "a"
     assert progress.bytes_done == 700
-    assert _percent(progress) == round(100 * (400 + SEND_SHARE * 300) / total, 1)
-    _land(progress, first, loaded=True)
+    assert percent_done(progress) == round(100 * (400 + SEND_SHARE * 300) / total, 1)
+    land(progress, first, loaded=True)
     assert progress.image == "b"
     assert progress.images == ["a"]
-    assert _percent(progress) == round(100 * (400 + SEND_SHARE * 300) / total, 1)
+    assert percent_done(progress) == round(100 * (400 + SEND_SHARE * 300) / total, 1)
