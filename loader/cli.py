@@ -1,7 +1,8 @@
 """The client commands for people on the device: status, login, unlock, load, upload, metrics.
 
 They talk to the daemon over its socket, as the local services do (`doctor` too, after
-checking on its own what only the caller can see). What only a client
+checking on its own what only the caller can see): the session is `client.Daemon`, the
+progress bar `terminal.Progress`; here are the parser and the commands. What only a client
 command needs is imported inside it: `serve` starts on the same parser, and every
 millisecond of its start-up delays the first request after socket activation.
 """
@@ -14,14 +15,15 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO
 
 import aiohttp
 
-DEFAULT_SOCKET = "/run/azaion-loader.sock"
+from loader.client import DEFAULT_SOCKET, Daemon, Failed, Unreachable
+from loader.terminal import Progress
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = (
     "exit status: 0 done, 1 failed, 2 usage error, 3 cannot reach the daemon, "
@@ -29,14 +31,6 @@ EXIT_CODES = (
 )
 _POLL = 0.5
 _FILE_READ = 256 * 1024
-
-
-class Unreachable(Exception):
-    """The daemon's socket cannot be used; the message tells a person what to do."""
-
-
-class Failed(Exception):
-    """The daemon answered with an error; the message is its detail."""
 
 
 def add_commands(commands: Any) -> None:
@@ -145,39 +139,6 @@ def run(args: argparse.Namespace) -> int:
     except Failed as exc:
         print(f"azaion-loader: {exc}", file=sys.stderr)
         return EXIT_FAILED
-
-
-class Daemon:
-    """One client session on the socket, with errors that speak to a person."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=socket_path),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
-        )
-
-    async def __aenter__(self) -> Daemon:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._session.close()
-
-    @contextlib.asynccontextmanager
-    async def request(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[Any]:
-        try:
-            async with self._session.request(method, "http://loader" + path, **kwargs) as resp:
-                if resp.status >= 400:
-                    raise Failed(await _detail(resp))
-                yield resp
-        except aiohttp.ClientConnectorError as exc:
-            raise Unreachable(_unreachable(self.socket_path, exc.os_error)) from None
-        except aiohttp.ServerDisconnectedError:
-            raise Unreachable(f"the daemon at {self.socket_path} hung up") from None
-
-    async def json(self, method: str, path: str, **kwargs: Any) -> Any:
-        async with self.request(method, path, **kwargs) as resp:
-            return await resp.json()
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -364,59 +325,6 @@ def _unlock_stage(status: dict[str, Any]) -> str:
     return str(status.get("state")).replace("_", " ")
 
 
-class Progress:
-    """A bar redrawn in place on a terminal; elsewhere one line per stage or per 10%."""
-
-    def __init__(self, stream: TextIO, what: str) -> None:
-        self._stream = stream
-        self._what = what
-        self._tty = stream.isatty()
-        self._stage = ""
-        self._tenth = -1
-        self._start = time.monotonic()
-        self._drawn = False
-
-    def update(self, stage: str, done: int, total: int, fraction: float | None = None) -> None:
-        """`done` of `total` bytes; `fraction` of the work, when bytes do not tell it."""
-        if fraction is None and total:
-            fraction = done / total
-        if self._tty:
-            self._draw(stage, done, total, fraction)
-            return
-        tenth = int(fraction * 10) if total and fraction is not None else -1
-        if stage != self._stage or tenth > self._tenth:
-            percent = f" {tenth * 10}%" if total else ""
-            print(f"{self._what}: {stage}{percent}", file=self._stream, flush=True)
-        self._stage, self._tenth = stage, tenth
-
-    def finish(self, message: str) -> None:
-        if self._tty and self._drawn:
-            self._stream.write("\r\033[K")
-        print(f"{self._what}: {message}", file=self._stream, flush=True)
-
-    def _draw(self, stage: str, done: int, total: int, fraction: float | None) -> None:
-        import shutil
-
-        width = shutil.get_terminal_size((80, 24)).columns
-        elapsed = max(time.monotonic() - self._start, 1e-6)
-        rate = done / elapsed
-        if total and fraction is not None:
-            fraction = min(fraction, 1.0)
-            left = elapsed * (1 - fraction) / fraction if fraction > 0 else 0
-            text = (
-                f" {fraction * 100:5.1f}% {_size(done)}/{_size(total)} "
-                f"{_size(rate)}/s {_clock(left)} left  {stage}"
-            )
-            bar_width = max(10, width - len(text) - 3)
-            filled = int(bar_width * fraction)
-            line = "[" + "#" * filled + "." * (bar_width - filled) + "]" + text
-        else:
-            line = f"{stage} {_size(done)}"
-        self._stream.write("\r" + line[: width - 1] + "\033[K")
-        self._stream.flush()
-        self._drawn = True
-
-
 def _password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
@@ -429,35 +337,6 @@ def _password(args: argparse.Namespace) -> str:
     return password
 
 
-async def _detail(resp: aiohttp.ClientResponse) -> str:
-    try:
-        body = await resp.json(content_type=None)
-        detail = body.get("detail") if isinstance(body, dict) else None
-    except (ValueError, aiohttp.ClientError):
-        detail = None
-    return str(detail) if detail else f"the daemon answered HTTP {resp.status}"
-
-
-def _unreachable(socket_path: str, error: OSError) -> str:
-    if isinstance(error, PermissionError):
-        return (
-            f"permission denied on {socket_path}: join the azaion-loader group "
-            "(sudo usermod -aG azaion-loader $USER, then log in again)"
-        )
-    from loader.doctor import socket_unit_state
-
-    reason = "no such socket" if isinstance(error, FileNotFoundError) else error.strerror
-    hint = ""
-    if socket_path == DEFAULT_SOCKET and (state := socket_unit_state()) is not None:
-        hint = (
-            f"; azaion-loader.socket is {state}: "
-            "start it with `sudo systemctl start azaion-loader.socket`"
-        )
-    else:
-        hint = "; is the daemon running (`azaion-loader serve`) with LOADER_SOCKET set to it?"
-    return f"cannot reach the daemon at {socket_path}: {reason}{hint}"
-
-
 def _unlock_summary(unlock: dict[str, Any]) -> str:
     state = str(unlock.get("state"))
     if state == "error":
@@ -467,19 +346,6 @@ def _unlock_summary(unlock: dict[str, Any]) -> str:
     if unlock.get("bytesTotal"):
         return f"{state.replace('_', ' ')} {unlock.get('percent', 0)}%"
     return state.replace("_", " ")
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1000
-    return f"{count:.1f} GB"
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # Each command's coroutine, by the name it is called by.
