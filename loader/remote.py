@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +30,11 @@ from loader.errors import (
 from loader.integrity import RECORD_SUFFIX
 from loader.log import Redactor
 from loader.metrics import Metrics
+from loader.retries import Attempts, CdnFailing, describe
 from loader.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_BACKOFF_BASE = 0.25
-_BACKOFF_CAP = 8.0
 # Errors the remote's answer may carry; more is not worth reading into memory.
 _MAX_ERROR_BODY = 4096
 # The last two AES blocks of a blob tell its padding, hence the plaintext's size.
@@ -117,7 +115,7 @@ class ResourceAPI:
         except aiohttp.ClientSSLError as exc:
             raise _untrusted(where, exc) from None
         except _TRANSIENT as exc:
-            raise RemoteUnavailable(f"could not reach {where} at {url}: {_describe(exc)}") from None
+            raise RemoteUnavailable(f"could not reach {where} at {url}: {describe(exc)}") from None
 
     async def fetch_small_part(self, folder: str, name: str) -> bytes:
         """`NAME.small` from the API; RemoteNotFound when it has none."""
@@ -212,7 +210,7 @@ class ResourceAPI:
                     return total, body[-TAIL:]
                 except aiohttp.ClientSSLError as exc:
                     raise _untrusted("the CDN", exc) from None
-                except (*_TRANSIENT, _CdnFailing) as exc:
+                except (*_TRANSIENT, CdnFailing) as exc:
                     gave_up = f"could not reach the CDN for {what}"
                     await attempts.retry_or_raise(f"GET of {what}", exc, gave_up)
         except LoaderError as exc:
@@ -250,7 +248,7 @@ class ResourceAPI:
                             yield chunk
                 except aiohttp.ClientSSLError as exc:
                     raise _untrusted("the CDN", exc) from None
-                except (*_TRANSIENT, _CdnFailing) as exc:
+                except (*_TRANSIENT, CdnFailing) as exc:
                     cut = f"the CDN's {what} was cut at byte {offset}"
                     await attempts.retry_or_raise(f"GET of {what} from byte {offset}", exc, cut)
                     continue  # resumed from `offset` with a Range
@@ -264,8 +262,8 @@ class ResourceAPI:
             self._count_failure("cdn", exc)
             raise
 
-    def _attempts(self, remote: str, retries: int | None = None) -> _Attempts:
-        return _Attempts(
+    def _attempts(self, remote: str, retries: int | None = None) -> Attempts:
+        return Attempts(
             1 + (self._settings.api_retries if retries is None else retries), remote, self._metrics
         )
 
@@ -279,7 +277,7 @@ class ResourceAPI:
         self, url: str, what: str, byte_range: str | None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """An open 200 or 206 answer of the CDN. Failures in transit, and 5xx as
-        `_CdnFailing`, are the caller's to retry."""
+        `CdnFailing`, are the caller's to retry."""
         headers = {"Range": byte_range} if byte_range else {}
         async with self._session.get(
             url, headers=headers, timeout=self._transfer_timeout, allow_redirects=True
@@ -287,7 +285,7 @@ class ResourceAPI:
             if resp.status not in (200, 206):
                 body = await resp.content.read(_MAX_ERROR_BODY)
                 refusal = self._refusal(resp.status, body, "the CDN", what)
-                raise _CdnFailing(refusal) if resp.status >= 500 else refusal
+                raise CdnFailing(refusal) if resp.status >= 500 else refusal
             yield resp
 
     async def _fetch_fragment(self, path: str) -> bytes:
@@ -432,65 +430,8 @@ class ResourceAPI:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-class _Attempts:
-    """The attempts at one remote call, the one place retries are decided: iterate for each
-    attempt; after a failure in transit or a 5xx, `failed` waits an exponential backoff with
-    full jitter before the next, counting it as retried, or raises once none is left."""
-
-    def __init__(self, total: int, remote: str, metrics: Metrics) -> None:
-        self.total = total
-        self.remote = remote
-        self._metrics = metrics
-        self.number = 0
-
-    def __iter__(self) -> Iterator[int]:
-        for number in range(1, self.total + 1):
-            self.number = number
-            yield number
-
-    @property
-    def last(self) -> bool:
-        return self.number >= self.total
-
-    async def retry_or_raise(self, doing: str, exc: Exception, gave_up: str) -> None:
-        """`doing` failed in transit, or the CDN sent a 5xx (`_CdnFailing`): wait for the next
-        attempt or, after the last, raise the CDN's refusal or RemoteUnavailable(`gave_up`)."""
-        if self.last:
-            raise _gave_up(exc, gave_up) from None
-        await self.pause(doing, _describe(exc))
-
-    async def pause(self, doing: str, reason: str) -> None:
-        """Before the next attempt, after `doing` failed for `reason`."""
-        self._metrics.remote_call(self.remote, "retried")
-        delay = _backoff(self.number)
-        log.warning(
-            "%s failed (%s), attempt %d of %d; retrying in %.2f s",
-            doing,
-            reason,
-            self.number,
-            self.total,
-            delay,
-        )
-        await asyncio.sleep(delay)
-
-
 class ChunkedRefused(RemoteRefused):
     """The CDN refused a big part sent chunked (without a Content-Length)."""
-
-
-class _CdnFailing(Exception):
-    """A 5xx from the CDN: retried like a failure in transit, then `refusal` is raised."""
-
-    def __init__(self, refusal: LoaderError) -> None:
-        super().__init__(refusal.message)
-        self.refusal = refusal
-
-
-def _gave_up(exc: Exception, unreachable: str) -> LoaderError:
-    """The error of a CDN call's last attempt: the CDN's refusal (a 5xx), or `unreachable`."""
-    if isinstance(exc, _CdnFailing):
-        return exc.refusal
-    return RemoteUnavailable(f"{unreachable}: {_describe(exc)}")
 
 
 async def file_chunks(path: Path) -> AsyncIterator[bytes]:
@@ -502,11 +443,6 @@ async def file_chunks(path: Path) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         source.close()
-
-
-def _backoff(attempt: int) -> float:
-    """Exponential backoff with full jitter."""
-    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
 
 
 def _multipart_file(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
@@ -554,9 +490,3 @@ def _refusal(status: int, detail: str, where: str, what: str) -> LoaderError:
         return RemoteRefused(f"{where} failed for {what}: HTTP {status}")
     suffix = f": {detail}" if detail else ""
     return RemoteRefused(f"{where} refused {what}: HTTP {status}{suffix}")
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
