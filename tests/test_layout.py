@@ -9,7 +9,16 @@ from pathlib import Path
 
 LOADER = Path(__file__).resolve().parent.parent / "loader"
 # The workflows: what the daemon does, whoever asks and however it is shown.
-WORKFLOWS = ("unlock", "resources", "archive", "cache", "crypto", "integrity")
+WORKFLOWS = (
+    "unlock",
+    "progress",
+    "resources",
+    "uploads",
+    "archive",
+    "cache",
+    "crypto",
+    "integrity",
+)
 
 
 def _imports(module: Path) -> set[str]:
