@@ -65,6 +65,25 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def daemon_env(**extra: str) -> dict[str, str]:
+    """`clean_env`, with the malloc arenas the unit gives the daemon (a MALLOC_ARENA_MAX
+    set here wins, to compare)."""
+    env = clean_env(**extra)
+    env.setdefault("MALLOC_ARENA_MAX", unit_environment()["MALLOC_ARENA_MAX"])
+    return env
+
+
+def unit_environment() -> dict[str, str]:
+    """The variables azaion-loader.service sets with Environment=."""
+    unit = Path(__file__).resolve().parents[1] / "systemd" / "azaion-loader.service"
+    found: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            name, _, value = line.removeprefix("Environment=").partition("=")
+            found[name] = value
+    return found
+
+
 class BenchDockerd(PrivateDockerd):
     """A private dockerd that also dies if the bench is killed outright."""
 
@@ -291,7 +310,7 @@ class Bench:
     ) -> Daemon:
         """A fresh daemon, configured with whatever the bench has started, answering /health;
         `docker_host` names another engine than the private dockerd."""
-        env = clean_env(
+        env = daemon_env(
             LOADER_SOCKET=str(self.socket),
             MODEL_CACHE_DIR=str(self.models),
             LOG_LEVEL=log_level,

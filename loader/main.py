@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -56,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve() -> int:
-    _tune_malloc()
     redact = logs.Redactor()
     logs.setup("info", redact)
     runs = systemd.Runs.from_env(os.environ)
@@ -104,25 +102,6 @@ def _answer_waiting(detail: str, status: int, code: str) -> None:
     answered = systemd.answer_waiting(sock, line, body)
     if answered:
         log.error("answered %d waiting request(s) with %s %s", answered, status, code)
-
-
-def _tune_malloc() -> None:
-    """Keep the RSS of a long-running daemon flat under big transfers (bench/soak.py).
-
-    glibc gives every thread that allocates an arena of its own, and the worker threads
-    that read, decrypt and write transfer buffers would each keep one's worth of freed
-    memory. Two arenas are plenty. (A fixed mmap threshold flattened the RSS further but
-    cost /load and /upload a fifth of their speed: bench/ rows 5 and 7.)
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: libc's, if glibc
-    except (OSError, AttributeError):
-        return  # not glibc
-    mallopt(_M_ARENA_MAX, 2)
-
-
-# malloc.h
-_M_ARENA_MAX = -8
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 
-from bench.fixtures import Bench, loader_argv
+from bench.fixtures import Bench, daemon_env, loader_argv
 from bench.harness import Spread, percentile, rss_mb, timed_first_answer
 from bench.results import PartResult, Row, runs
 
@@ -96,6 +96,7 @@ def cold_start(bench: Bench) -> PartResult:
     sock = bench.work / "activated.sock"
     command = ["systemd-socket-activate", "-l", str(sock)]
     command += ["-E", f"MODEL_CACHE_DIR={bench.models}", "-E", "LOG_LEVEL=info"]
+    command += ["-E", f"MALLOC_ARENA_MAX={daemon_env()['MALLOC_ARENA_MAX']}"]
     # systemd-socket-activate passes on only what -E names: a PYTHONPATH that picks the
     # tree to measure (a worktree beside the venv's own) must go along.
     if os.environ.get("PYTHONPATH"):

@@ -123,6 +123,16 @@ def test_service_reported_ready_and_its_status(installed: Booted) -> None:
     assert json.loads(str(status["body"]))["modelCacheDir"] == "/var/cache/azaion-loader/models"
 
 
+def test_the_daemon_runs_with_the_units_malloc_arenas(installed: Booted) -> None:
+    """The unit caps glibc's malloc arenas (see its comment); the daemon must get the cap."""
+    unit = (REPO / "systemd" / SERVICE).read_text()
+    wanted = re.search(r"^Environment=(MALLOC_ARENA_MAX=\d+)$", unit, re.M)
+    assert wanted is not None
+    health(installed)
+    environ = installed.machine.run("cat", f"/proc/{main_pid(installed)}/environ").stdout
+    assert wanted.group(1) in environ.split("\0")
+
+
 def test_socket_is_for_root_and_the_group_only(installed: Booted) -> None:
     machine = installed.machine
     shown = machine.run("stat", "-c", "%A %U:%G", SOCKET_PATH).stdout.strip()
