@@ -32,7 +32,7 @@ from loader.remote import FILE_READ, ChunkedRefused, ResourceAPI, file_chunks
 log = logging.getLogger(__name__)
 
 # Blobs at least this long are cut at exactly SMALL_PART_MAX (0.3 * 10240 = 3072).
-FULL_CUT_FROM = SMALL_PART_MAX * 10 // 3
+_FULL_CUT_FROM = SMALL_PART_MAX * 10 // 3
 # The caller's plaintext is encrypted and spooled by workers in batches of about this size.
 _BATCH = 1024 * 1024
 # The spool is synced to disk in the background each time this much more is written, so
@@ -93,15 +93,10 @@ class Upload:
         self._put: asyncio.Task[None] | None = None
         self._syncing: asyncio.Future[None] | None = None
         self._synced = 0
-        self._streamed_size: int | None = None
+        # The big part goes while the body arrives: chunked, or with the declared length.
         if target is not None and (declared is not None or not api.chunked_refused):
-            self._streamed_size = None if declared is None else big_part_size(declared)
-            self._put = asyncio.ensure_future(self._send_while_spooling(*target))
-
-    @property
-    def streaming(self) -> bool:
-        """Whether the big part is on its way to the CDN while the body arrives."""
-        return self._put is not None
+            size = None if declared is None else big_part_size(declared)
+            self._put = asyncio.ensure_future(self._send_while_spooling(*target, size))
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> SpooledBlob:
         """Encrypt the caller's plaintext as it arrives into the spool.
@@ -243,8 +238,8 @@ class Upload:
         """Whether a follower that has sent `sent` bytes may send more, or end."""
         return self._available - _HOLD_BACK > sent or (self._complete and self._sealed)
 
-    async def _send_while_spooling(self, folder: str, name: str) -> None:
-        await self._api.put_big_part(folder, name, self._follow, self._streamed_size)
+    async def _send_while_spooling(self, folder: str, name: str, size: int | None) -> None:
+        await self._api.put_big_part(folder, name, self._follow, size)
 
     async def _follow(self) -> AsyncIterator[bytes]:
         """The spool from its start, as far as it is written; the last bytes once the upload
@@ -292,7 +287,7 @@ class _Cutter:
                 self._spool.write(piece)
                 continue
             self._head += piece
-            if len(self._head) >= FULL_CUT_FROM:
+            if len(self._head) >= _FULL_CUT_FROM:
                 self._cut_known = True
                 self._spool.join(bytes(self._head[:SMALL_PART_MAX]))
                 self._spool.write(bytes(self._head[SMALL_PART_MAX:]))
