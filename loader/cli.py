@@ -2,7 +2,7 @@
 
 They talk to the daemon over its socket, as the local services do (`doctor` too, after
 checking on its own what only the caller can see): the session is `client.Daemon`, the
-progress bar `terminal.Progress`; here are the parser and the commands. What only a client
+progress bar `terminal.ProgressBar`; here are the parser and the commands. What only a client
 command needs is imported inside it: `serve` starts on the same parser, and every
 millisecond of its start-up delays the first request after socket activation.
 """
@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import aiohttp
 
 from loader.client import DEFAULT_SOCKET, Daemon, Failed, Unreachable
-from loader.terminal import Progress
+from loader.terminal import ProgressBar
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = (
@@ -194,7 +194,7 @@ async def _unlock(args: argparse.Namespace) -> int:
         if args.no_wait or answer.get("state") == "ready":
             print(f"unlock: {answer.get('state')}")
             return EXIT_OK
-        progress = Progress(sys.stdout, "unlock")
+        progress = ProgressBar(sys.stdout, "unlock")
         try:
             while True:
                 status = await daemon.json("GET", "/unlock/status")
@@ -231,13 +231,13 @@ async def _load(args: argparse.Namespace) -> int:
     ):
         total = resp.content_length or 0
         if args.output == "-":
-            await _copy(resp, sys.stdout.buffer, total, Progress(sys.stderr, "load"))
+            await _copy(resp, sys.stdout.buffer, total, ProgressBar(sys.stderr, "load"))
             return EXIT_OK
         target = Path(args.output)
         partial = target.with_name(f".{target.name}.{os.getpid()}.part")
         try:
             with open(partial, "wb") as out:  # noqa: ASYNC230 - a one-shot command
-                await _copy(resp, out, total, Progress(sys.stderr, "load"))
+                await _copy(resp, out, total, ProgressBar(sys.stderr, "load"))
             os.replace(partial, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -254,7 +254,7 @@ async def _upload(args: argparse.Namespace) -> int:
         raise Failed(f"cannot read {args.file}: {exc.strerror}") from None
     with source:
         total = os.fstat(source.fileno()).st_size
-        progress = Progress(sys.stderr, "upload")
+        progress = ProgressBar(sys.stderr, "upload")
 
         async def chunks() -> AsyncIterator[bytes]:
             done = 0
@@ -306,7 +306,7 @@ def _write_whole(target: Path, data: bytes, mode: int) -> None:
             os.unlink(partial)
 
 
-async def _copy(resp: Any, out: BinaryIO, total: int, progress: Progress) -> None:
+async def _copy(resp: Any, out: BinaryIO, total: int, progress: ProgressBar) -> None:
     done = 0
     async for chunk in resp.content.iter_chunked(_FILE_READ):
         await asyncio.to_thread(out.write, chunk)

@@ -6,7 +6,7 @@ import time
 from typing import TextIO
 
 
-class Progress:
+class ProgressBar:
     """A bar redrawn in place on a terminal; elsewhere one line per stage or per 10%."""
 
     def __init__(self, stream: TextIO, what: str) -> None:
