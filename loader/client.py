@@ -9,7 +9,9 @@ from typing import Any
 
 import aiohttp
 
-DEFAULT_SOCKET = "/run/azaion-loader.sock"
+from loader.settings import SOCKET_PATH
+
+DEFAULT_SOCKET = str(SOCKET_PATH)
 
 
 class Unreachable(Exception):

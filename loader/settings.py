@@ -23,6 +23,10 @@ _MAX_SOCKET_PATH = 107
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+# Where azaion-loader.socket listens, and where clients look by default.
+SOCKET_PATH = Path("/run/azaion-loader.sock")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the daemon is told by its environment; tests build it directly."""
@@ -32,7 +36,7 @@ class Settings:
     images_path: Path = Path("/opt/azaion/images.enc")
     api_version: str = "latest"
     model_cache_dir: Path = Path("/var/lib/azaion-loader/models")
-    socket_path: Path = Path("/run/azaion-loader.sock")
+    socket_path: Path = SOCKET_PATH
     # None: the Docker SDK's own default (DOCKER_HOST, else the local socket).
     docker_host: str | None = None
     # Seconds. connect: reaching a remote; api: a whole small API call;

@@ -98,8 +98,8 @@ class Upload:
             size = None if declared is None else big_part_size(declared)
             self._put = asyncio.ensure_future(self._send_while_spooling(*target, size))
 
-    async def receive(self, chunks: AsyncIterator[bytes]) -> SpooledBlob:
-        """Encrypt the caller's plaintext as it arrives into the spool.
+    async def receive(self, chunks: AsyncIterator[bytes]) -> None:
+        """Encrypt the caller's plaintext as it arrives into the spool (then `blob`).
 
         Three stages run side by side, each on its own batch: this task gathers the next
         batch from the socket, a worker encrypts the one before, and another worker cuts,
@@ -148,7 +148,6 @@ class Upload:
             raise
         self.blob = SpooledBlob(small, self._spool, received)
         await self._advance(complete=True)
-        return self.blob
 
     def _check_length(self, received: int) -> None:
         if received > self._limit:
@@ -230,7 +229,7 @@ class Upload:
             self._synced = size
             self._syncing = asyncio.ensure_future(asyncio.to_thread(self._spool.sync))
         async with self._changed:
-            self._available = self._spool.size
+            self._available = size
             self._complete = complete
             self._changed.notify_all()
 

@@ -24,6 +24,7 @@ from tests.conftest import (
     RunningEmulator,
     wait_for,
 )
+from tests.faults.conftest import files_under, partial_files
 
 FOLDER = "models"
 MiB = 1024 * 1024
@@ -107,9 +108,8 @@ def puts(emulator: RunningEmulator, name: str) -> int:
 
 def leftovers(settings: Settings, emulator: RunningEmulator) -> list[Path]:
     """Partial files in the cache, and big parts the emulator was still receiving."""
-    cache = [p for p in settings.model_cache_dir.rglob("*") if p.name.endswith(".part")]
     incoming = emulator.emulator.config.storage_dir / "incoming"
-    return cache + (sorted(incoming.iterdir()) if incoming.exists() else [])
+    return partial_files(settings.model_cache_dir) + files_under(incoming)
 
 
 async def test_the_big_part_goes_while_the_body_arrives(
